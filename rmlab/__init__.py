@@ -1,0 +1,35 @@
+"""rmlab: look inside reward models and preference-optimised language models.
+
+The public API lives here::
+
+    import rmlab
+    frame = rmlab.implicit_rewards(policy, reference, pairs, beta=0.1)
+    rmlab.dpo_metrics(frame)
+"""
+
+from rmlab.errors import (
+    ArgumentError,
+    DataError,
+    DataFileError,
+    ModelError,
+    RmlabError,
+    TokenizerError,
+)
+from rmlab.io.pairs import load_pairs
+from rmlab.rewards.implicit import dpo_metrics, implicit_rewards, step_rewards, token_rewards
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ArgumentError",
+    "DataError",
+    "DataFileError",
+    "ModelError",
+    "RmlabError",
+    "TokenizerError",
+    "dpo_metrics",
+    "implicit_rewards",
+    "load_pairs",
+    "step_rewards",
+    "token_rewards",
+]

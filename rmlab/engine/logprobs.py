@@ -1,0 +1,228 @@
+"""Per-token log-probs of response tokens: batched, exact, and without a B x T x V tensor.
+
+The model's backbone runs once per batch; the unembedding (LM head) is applied only at the
+positions that predict a response token, in chunks of rows, and each row's log-prob is
+``logit[label] - logsumexp(logits)`` computed in float32. This is the selective log-softmax of
+TRL's fused LM head (``trl.trainer.utils.add_fused_lm_head``), including the logit scaling and
+soft-capping some architectures apply (Gemma 2/3, Cohere, Granite, ...).
+
+Before trusting that shortcut on a model, the first call checks it against the model's own forward
+pass on one sequence; an architecture whose head does something else falls back to the model's full
+logits, with a warning, so a number is never silently wrong.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from rmlab.engine.batching import default_batch_tokens, length_batches, pad_right
+
+#: Bytes of float32 logits one chunk of the selective log-softmax may hold.
+_CHUNK_BYTES = {"cpu": 1 << 26, "cuda": 1 << 29}
+
+
+@dataclass(frozen=True)
+class Scored:
+    """What the engine needs of a sequence: its ids and the index of its first scored token."""
+
+    ids: Sequence[int]
+    start: int
+
+
+class _LMHead:
+    """The backbone / unembedding split of a causal LM, with the head's logit transforms."""
+
+    def __init__(self, model):
+        self.model = model
+        prefix = getattr(model, "base_model_prefix", "")
+        backbone = getattr(model, prefix, None) if prefix else None
+        self.backbone = backbone if isinstance(backbone, torch.nn.Module) and backbone is not model else None
+        self.head = model.get_output_embeddings()
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.softcap = getattr(cfg, "final_logit_softcapping", None)
+        scale = getattr(cfg, "logit_scale", None)
+        if scale is None:
+            scale = getattr(cfg, "output_multiplier", None)
+        if scale is None:
+            scale = getattr(cfg, "lm_head_multiplier", None)
+        if scale is None and getattr(cfg, "logits_scaling", None) is not None:
+            scaling = cfg.logits_scaling
+            scale = scaling if getattr(cfg, "model_type", "") == "hyperclovax" else 1.0 / scaling
+        self.scale = 1.0 if scale is None else float(scale)
+        self.fused = self.backbone is not None and self.head is not None
+        self.verified = False
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.head(hidden)
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def hidden_states(self, input_ids, attention_mask) -> torch.Tensor:
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def selective_log_softmax(
+    rows: torch.Tensor,
+    labels: torch.Tensor,
+    to_logits=None,
+    *,
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """``log_softmax(to_logits(rows))[i, labels[i]]`` for every row, chunked, in float32.
+
+    Args:
+        rows: ``(N, d)`` hidden states (or ``(N, V)`` logits when ``to_logits`` is None).
+        labels: ``(N,)`` token ids.
+        to_logits: maps a chunk of rows to ``(n, V)`` logits (the LM head); identity if None.
+        chunk_rows: rows per chunk; by default as many as keep a chunk's float32 logits under
+            64 MiB on CPU (512 MiB on CUDA).
+
+    Returns:
+        ``(N,)`` float32 log-probabilities. Equals ``torch.log_softmax(logits.float(), -1)``
+        gathered at ``labels``, without materialising the full log-softmax.
+    """
+    n = rows.shape[0]
+    out = torch.empty(n, dtype=torch.float32, device=rows.device)
+    if n == 0:
+        return out
+    if chunk_rows is None:
+        vocab = to_logits(rows[:1]).shape[-1] if to_logits is not None else rows.shape[-1]
+        budget = _CHUNK_BYTES.get(rows.device.type, 1 << 27)
+        chunk_rows = max(1, budget // (4 * vocab))
+    for s in range(0, n, chunk_rows):
+        chunk = rows[s : s + chunk_rows]
+        logits = (to_logits(chunk) if to_logits is not None else chunk).float()
+        picked = logits.gather(1, labels[s : s + chunk_rows, None]).squeeze(1)
+        out[s : s + chunk_rows] = picked - torch.logsumexp(logits, dim=-1)
+    return out
+
+
+def _targets(batch: Sequence[Scored], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+    """Row/position indices of the hidden states that predict each scored token, and the labels."""
+    rows, cols, labels, counts = [], [], [], []
+    for r, seq in enumerate(batch):
+        positions = range(seq.start, len(seq.ids))
+        rows.extend([r] * len(positions))
+        cols.extend(p - 1 for p in positions)
+        labels.extend(seq.ids[p] for p in positions)
+        counts.append(len(positions))
+    as_long = lambda v: torch.as_tensor(v, dtype=torch.long, device=device)  # noqa: E731
+    return as_long(rows), as_long(cols), as_long(labels), counts
+
+
+def _reference_logprobs(model, seq: Scored) -> torch.Tensor:
+    """The model's own forward pass and a plain log-softmax: the independent check of the fused path."""
+    device = next(model.parameters()).device
+    ids = torch.as_tensor([list(seq.ids)], dtype=torch.long, device=device)
+    logits = model(input_ids=ids, use_cache=False).logits[0].float()
+    logp = torch.log_softmax(logits[:-1], dim=-1)
+    target = ids[0, 1:]
+    picked = logp.gather(1, target[:, None]).squeeze(1)
+    return picked[seq.start - 1 :]
+
+
+def _batch_logprobs(head: _LMHead, batch: Sequence[Scored], pad_id: int, device) -> list[torch.Tensor]:
+    ids, mask = pad_right([s.ids for s in batch], pad_id)
+    ids, mask = ids.to(device), mask.to(device)
+    rows, cols, labels, counts = _targets(batch, device)
+    if head.fused:
+        hidden = head.hidden_states(ids, mask)
+        flat = selective_log_softmax(hidden[rows, cols], labels, head.logits)
+    else:
+        logits = head.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        flat = selective_log_softmax(logits[rows, cols], labels)
+    return list(torch.split(flat, counts))
+
+
+def _verify(head: _LMHead, seq: Scored, pad_id: int, device) -> None:
+    """Compare the fused head with the model's full forward once; fall back if they disagree."""
+    if not head.fused or head.verified or len(seq.ids) - seq.start < 1:
+        return
+    fused = _batch_logprobs(head, [seq], pad_id, device)[0]
+    full = _reference_logprobs(head.model, seq)
+    dtype = next(head.model.parameters()).dtype
+    tol = 1e-3 if dtype == torch.float32 else 0.1
+    err = (fused - full).abs().max().item()
+    if not err <= tol:
+        warnings.warn(
+            f"{type(head.model).__name__}: log-probs from the backbone + output embeddings differ from "
+            f"the model's own logits by {err:.2e}; using the full logits for this model (slower).",
+            stacklevel=3,
+        )
+        head.fused = False
+    head.verified = True
+
+
+def token_logprobs(
+    model,
+    sequences: Sequence[Scored],
+    *,
+    groups: Sequence[Sequence[int]] | None = None,
+    batch_tokens: int | None = None,
+    pad_id: int = 0,
+    autocast_dtype: torch.dtype | None = None,
+    progress: bool = True,
+    desc: str = "log-probs",
+) -> list[np.ndarray]:
+    """Log-probs of every scored token of every sequence under a causal LM.
+
+    Args:
+        model: a causal LM (``PreTrainedModel``) in eval mode.
+        sequences: objects with ``ids`` and ``start``; token ``ids[t]`` for ``t >= start`` is scored
+            from the model's output at ``t - 1`` (so ``start >= 1``).
+        groups: lists of sequence indices that must share a forward pass (e.g. ``[2i, 2i+1]`` for a
+            chosen/rejected pair); every sequence alone by default.
+        batch_tokens: padded tokens per forward pass (default: 2048 on CPU, 32768 on CUDA).
+        pad_id: id used for padding (never attended to: padding is on the right).
+        autocast_dtype: run the forward under ``torch.autocast`` in this dtype (bf16 on CUDA).
+        progress: show a tqdm progress bar over batches.
+        desc: label of the progress bar.
+
+    Returns:
+        One float32 array per sequence, in input order, of length ``len(ids) - start``.
+
+    The computation equals an unbatched, unpadded forward of each sequence alone followed by
+    ``log_softmax`` (to float tolerance); ``tests/test_engine.py`` checks it on GPT-2, Llama and
+    GPT-NeoX architectures.
+    """
+    for k, seq in enumerate(sequences):
+        if seq.start < 1:
+            raise ValueError(f"sequence {k}: start={seq.start} must be >= 1 (position 0 has no context)")
+    device = next(model.parameters()).device
+    if groups is None:
+        groups = [[k] for k in range(len(sequences))]
+    budget = batch_tokens or default_batch_tokens(device)
+    lengths = [max(len(sequences[k].ids) for k in g) for g in groups]
+    width = max(len(g) for g in groups) if groups else 1
+    batches = length_batches(lengths, budget, width=width)
+    head = _LMHead(model)
+    results: list[np.ndarray | None] = [None] * len(sequences)
+    autocast = (
+        torch.autocast(device.type, dtype=autocast_dtype)
+        if autocast_dtype is not None and device.type == "cuda"
+        else contextlib.nullcontext()
+    )
+    bar = tqdm(total=sum(len(g) for g in groups), desc=desc, unit="seq", disable=not progress, leave=False)
+    with torch.inference_mode(), autocast:
+        try:
+            for batch in batches:
+                members = [k for g in batch for k in groups[g]]
+                seqs = [sequences[k] for k in members]
+                _verify(head, min(seqs, key=lambda s: len(s.ids)), pad_id, device)
+                for k, values in zip(members, _batch_logprobs(head, seqs, pad_id, device)):
+                    results[k] = values.cpu().numpy()
+                bar.update(len(members))
+        finally:
+            bar.close()
+    return results  # type: ignore[return-value]

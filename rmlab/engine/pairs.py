@@ -1,0 +1,151 @@
+"""Run a policy (and a reference) over preference pairs: every per-token log-prob, once.
+
+This is the shared first step of implicit DPO rewards, token rewards, step rewards and the
+diagnostics built on them. All input checks happen here, before any model runs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from rmlab.engine.logprobs import token_logprobs
+from rmlab.errors import ArgumentError, DataError, TokenizerError
+from rmlab.io.models import (
+    check_same_tokenizer,
+    check_vocab_covers,
+    context_length,
+    load_causal_lm,
+    load_tokenizer,
+    model_device,
+    resolve_dtype,
+)
+from rmlab.io.pairs import EncodedPair, encode_pairs, load_pairs
+
+
+@dataclass
+class PairLogprobs:
+    """Per-token log-probs of both responses of every pair.
+
+    ``policy[2 * i]`` / ``policy[2 * i + 1]`` hold the chosen / rejected response tokens of pair
+    ``i`` (float32 arrays); ``reference`` likewise, or None when no reference model was run.
+    """
+
+    pairs: pd.DataFrame
+    encoded: list[EncodedPair]
+    policy: list[np.ndarray]
+    reference: list[np.ndarray] | None
+    tokenizer: object
+
+    def side(self, which: str, i: int, model: str = "policy") -> np.ndarray:
+        values = self.policy if model == "policy" else self.reference
+        return values[2 * i + (0 if which == "chosen" else 1)]
+
+
+def check_beta(beta) -> float:
+    """Return beta as a float, or raise :class:`ArgumentError` unless it is a finite number > 0."""
+    try:
+        value = float(beta)
+    except (TypeError, ValueError):
+        raise ArgumentError(f"beta={beta!r} must be a number > 0 (DPO's KL coefficient, e.g. 0.1).") from None
+    if not np.isfinite(value) or value <= 0:
+        raise ArgumentError(f"beta={beta!r} must be a finite number > 0 (DPO's KL coefficient, e.g. 0.1).")
+    return value
+
+
+def _check_context(encoded: list[EncodedPair], model, role: str, max_length) -> None:
+    limit = context_length(model)
+    if limit is None:
+        return
+    for i, pair in enumerate(encoded):
+        for side in ("chosen", "rejected"):
+            n = len(getattr(pair, side).ids)
+            if n > limit:
+                raise DataError(
+                    f"Row {i}, {side}: prompt+response is {n} tokens but the {role} model accepts at "
+                    f"most {limit}. Pass max_length={limit} (or less) to truncate"
+                    + (" further." if max_length else ".")
+                )
+
+
+def pair_logprobs(
+    policy,
+    reference,
+    data,
+    *,
+    tokenizer=None,
+    max_length: int | None = None,
+    truncation_mode: str = "keep_start",
+    add_eos: bool = True,
+    chat_template_kwargs: dict | None = None,
+    batch_tokens: int | None = None,
+    device="auto",
+    dtype="auto",
+    trust_remote_code: bool = False,
+    progress: bool = True,
+) -> PairLogprobs:
+    """Validate everything, tokenise as TRL's DPOTrainer, then score every response token.
+
+    ``reference=None`` runs the policy only. The chosen and rejected sequences of a pair share one
+    forward pass; batches are length-bucketed under ``batch_tokens`` padded tokens.
+    """
+    pairs = load_pairs(data)
+    if batch_tokens is not None and (not isinstance(batch_tokens, int) or batch_tokens < 1):
+        raise ArgumentError(f"batch_tokens={batch_tokens!r} must be a positive integer (or None).")
+    policy_model = load_causal_lm(
+        policy, role="policy", device=device, dtype=dtype, trust_remote_code=trust_remote_code
+    )
+    tok = load_tokenizer(tokenizer, policy, role="policy", trust_remote_code=trust_remote_code)
+    check_vocab_covers(policy_model, tok, role="policy")
+    ref_model = None
+    if reference is not None:
+        ref_model = load_causal_lm(
+            reference, role="reference", device=device, dtype=dtype, trust_remote_code=trust_remote_code
+        )
+        if isinstance(reference, (str, os.PathLike)):
+            try:
+                ref_tok = load_tokenizer(None, reference, role="reference")
+            except TokenizerError:  # no tokenizer saved beside the reference: the policy's is used
+                ref_tok = None
+            if ref_tok is not None:
+                check_same_tokenizer(tok, ref_tok)
+        check_vocab_covers(ref_model, tok, role="reference")
+
+    encoded = encode_pairs(
+        pairs,
+        tok,
+        max_length=max_length,
+        truncation_mode=truncation_mode,
+        add_eos=add_eos,
+        chat_template_kwargs=chat_template_kwargs,
+    )
+    _check_context(encoded, policy_model, "policy", max_length)
+    if ref_model is not None:
+        _check_context(encoded, ref_model, "reference", max_length)
+
+    sequences = [s for p in encoded for s in (p.chosen, p.rejected)]
+    groups = [[2 * i, 2 * i + 1] for i in range(len(encoded))]
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+
+    def run(model, role):
+        dev = model_device(model)
+        wanted = resolve_dtype(dtype, dev)
+        params_dtype = next(model.parameters()).dtype
+        autocast = wanted if dev.type == "cuda" and wanted != params_dtype else None
+        return token_logprobs(
+            model,
+            sequences,
+            groups=groups,
+            batch_tokens=batch_tokens,
+            pad_id=pad_id,
+            autocast_dtype=autocast,
+            progress=progress,
+            desc=f"{role} log-probs",
+        )
+
+    policy_lp = run(policy_model, "policy")
+    ref_lp = run(ref_model, "reference") if ref_model is not None else None
+    return PairLogprobs(pairs=pairs, encoded=encoded, policy=policy_lp, reference=ref_lp, tokenizer=tok)

@@ -1,0 +1,208 @@
+"""Load Hugging Face models and tokenizers, and decide on device and dtype.
+
+Every analysis accepts either a ``PreTrainedModel`` object or a hub name / local path. Loading
+defaults to safetensors and ``trust_remote_code=False``; both must be asked for explicitly to change.
+``device="auto"`` picks CUDA when present; ``dtype="auto"`` loads bf16 on a CUDA device that supports
+it and fp32 otherwise. A model object is used in its own dtype and, unless a device is named, on
+its own device.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+)
+
+from rmlab.errors import ArgumentError, ModelError, TokenizerError
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def resolve_device(device="auto") -> torch.device:
+    """``"auto"`` -> CUDA if available else CPU; anything ``torch.device`` accepts otherwise."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ArgumentError(f"device={device!r} is not a device torch knows ({err}).") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ArgumentError(f"device={device!r} was asked for but CUDA is not available; use 'cpu'.")
+    return resolved
+
+
+def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    """``"auto"`` -> bf16 on a CUDA device that supports it, fp32 otherwise."""
+    if dtype is None or dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in _DTYPES:
+        return _DTYPES[dtype]
+    raise ArgumentError(f"dtype={dtype!r} is not supported; use 'auto' or one of {sorted(_DTYPES)}.")
+
+
+def is_causal_lm(model) -> bool:
+    """True for decoder-only language models with an unembedding (``*ForCausalLM``, ``*LMHeadModel``)."""
+    if not isinstance(model, PreTrainedModel):
+        return False
+    if getattr(model.config, "is_encoder_decoder", False):
+        return False
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    name = type(model).__name__
+    known = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    if name in known or name.endswith(("ForCausalLM", "LMHeadModel")):
+        return model.get_output_embeddings() is not None
+    return False
+
+
+def _describe(model) -> str:
+    if isinstance(model, PreTrainedModel):
+        return f"{type(model).__name__} ({getattr(model.config, 'model_type', '?')})"
+    return type(model).__name__
+
+
+def load_causal_lm(
+    model,
+    *,
+    role: str = "policy",
+    device="auto",
+    dtype="auto",
+    trust_remote_code: bool = False,
+    use_safetensors: bool = True,
+    revision: str | None = None,
+) -> PreTrainedModel:
+    """Return a causal LM ready for inference, loading it first if a name or path is given.
+
+    Args:
+        model: a ``PreTrainedModel`` or a hub name / local path for ``AutoModelForCausalLM``.
+        role: how the model is named in error messages (``"policy"``, ``"reference"``).
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``... A model object stays where it is
+            unless a device is named.
+        dtype: ``"auto"``, ``"float32"``, ``"bfloat16"``, ``"float16"`` or a ``torch.dtype``; applies
+            to loading (a model object keeps its dtype).
+        trust_remote_code: run code from the model repository (off unless asked).
+        use_safetensors: refuse pickled ``.bin`` weights unless set to False.
+        revision: hub revision (branch, tag or commit).
+
+    Raises:
+        ModelError: the object is not a causal LM (e.g. a sequence classifier), or loading failed.
+    """
+    if isinstance(model, (str, os.PathLike)):
+        target = resolve_device(device)
+        try:
+            loaded = AutoModelForCausalLM.from_pretrained(
+                str(model),
+                dtype=resolve_dtype(dtype, target),
+                trust_remote_code=trust_remote_code,
+                use_safetensors=use_safetensors,
+                revision=revision,
+            )
+        except (OSError, ValueError) as err:
+            hint = ""
+            if use_safetensors and "safetensors" in str(err).lower():
+                hint = (
+                    " The repository may only have pickled weights: pass use_safetensors=False if "
+                    "you trust its source."
+                )
+            raise ModelError(f"Could not load the {role} model {str(model)!r}: {err}{hint}") from err
+        model = loaded.to(target)
+    elif device not in (None, "auto"):
+        model = model.to(resolve_device(device))
+    if not is_causal_lm(model):
+        raise ModelError(
+            f"The {role} model is a {_describe(model)}, not a causal language model: implicit rewards "
+            "need next-token log-probs. Pass an AutoModelForCausalLM (a reward model goes to "
+            "rmlab's reward-model analyses instead)."
+        )
+    return model.eval()
+
+
+def load_tokenizer(tokenizer, model, *, role: str = "policy", trust_remote_code: bool = False):
+    """Return ``tokenizer`` (loading it if a name/path), or the tokenizer saved with ``model``.
+
+    Raises:
+        TokenizerError: no tokenizer was given and none can be found beside the model.
+    """
+    source = tokenizer
+    if source is None:
+        source = model if isinstance(model, (str, os.PathLike)) else getattr(model, "name_or_path", "")
+        if not source:
+            raise TokenizerError(
+                f"No tokenizer was given for the {role} model and it was not loaded from a path. "
+                "Pass tokenizer=... (the tokenizer the model was trained with)."
+            )
+    if isinstance(source, (str, os.PathLike)):
+        try:
+            return AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as err:
+            raise TokenizerError(
+                f"Could not load a tokenizer for the {role} model from {str(source)!r}: {err}. "
+                "Pass tokenizer=... explicitly."
+            ) from err
+    return source
+
+
+def check_same_tokenizer(first, second, *, names=("policy", "reference")) -> None:
+    """Raise :class:`TokenizerError` if two tokenizers would give different ids for the same text."""
+    if first is second:
+        return
+    vocab_a, vocab_b = first.get_vocab(), second.get_vocab()
+    if vocab_a != vocab_b:
+        only_a = len(set(vocab_a.items()) - set(vocab_b.items()))
+        raise TokenizerError(
+            f"The {names[0]} and {names[1]} tokenizers disagree ({len(vocab_a)} vs {len(vocab_b)} "
+            f"tokens, {only_a} entries differ). Log-prob ratios need the same tokenisation: use models "
+            "that share one tokenizer, or pass tokenizer=... if they really do."
+        )
+    if first.eos_token != second.eos_token:
+        raise TokenizerError(
+            f"The {names[0]} and {names[1]} tokenizers have different EOS tokens "
+            f"({first.eos_token!r} vs {second.eos_token!r}); pass one tokenizer=... for both."
+        )
+
+
+def check_vocab_covers(model, tokenizer, *, role: str = "policy") -> None:
+    """Raise :class:`TokenizerError` when the tokenizer produces ids the model has no row for."""
+    head = model.get_output_embeddings()
+    rows = head.weight.shape[0] if head is not None else model.config.vocab_size
+    if len(tokenizer) > rows:
+        raise TokenizerError(
+            f"The tokenizer has {len(tokenizer)} tokens but the {role} model's output layer has only "
+            f"{rows} rows: they do not belong together. Pass the tokenizer the {role} was trained with."
+        )
+
+
+def model_device(model) -> torch.device:
+    """The device of a model's first parameter."""
+    return next(model.parameters()).device
+
+
+def context_length(model) -> int | None:
+    """The longest input the model's position embeddings allow, if its config says."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def is_local_path(value) -> bool:
+    return isinstance(value, (str, os.PathLike)) and Path(value).exists()

@@ -1,0 +1,468 @@
+"""Preference data: read, validate, normalise and tokenise it exactly as a DPO trainer would.
+
+Data follow TRL's preference convention: columns ``prompt``, ``chosen``, ``rejected`` holding either
+strings or chat message lists (``[{"role": ..., "content": ...}, ...]``). The "implicit prompt" form,
+where ``chosen`` and ``rejected`` hold whole texts or conversations and the prompt is their shared
+prefix, is accepted too.
+
+Tokenisation follows TRL's ``DPOTrainer`` (v1.x) so that every number rmlab reports agrees with
+training logs:
+
+- plain text: the EOS token is appended to each completion that does not already end with it, then
+  ``prompt``, ``prompt + chosen`` and ``prompt + rejected`` are tokenised with the tokenizer's own
+  special-token rules (a BOS is added once, as the tokenizer does, never doubled);
+- conversations: the chat template is applied to the prompt with the generation prompt, and to
+  prompt + completion without it; no EOS is appended (the template closes the turn);
+- the completion starts where the ids of the prompt and of prompt+completion diverge (the minimum
+  over chosen and rejected), which also covers tokens that merge across the boundary;
+- ``max_length`` truncates prompt+completion per sequence (``keep_start`` keeps the beginning,
+  ``keep_end`` the end). A pair whose response loses tokens is marked ``truncated``, never dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from rmlab.errors import DataError, DataFileError, TokenizerError, check_choice, closest
+
+#: Roles a chat message may carry.
+KNOWN_ROLES = ("system", "user", "assistant", "tool", "developer", "function", "ipython")
+
+_RESPONSE_COLUMNS = ("chosen", "rejected")
+
+
+# --------------------------------------------------------------------------------------------------
+# reading
+# --------------------------------------------------------------------------------------------------
+def _read_jsonl(path: Path) -> pd.DataFrame:
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise DataFileError(
+                    f"{path}: line {number} is not valid JSON ({err.msg} at column {err.colno}). "
+                    "Each line of a .jsonl file must hold one JSON object."
+                ) from None
+            if not isinstance(rows[-1], dict):
+                raise DataFileError(
+                    f"{path}: line {number} holds a {type(rows[-1]).__name__}, not a JSON object "
+                    "with 'prompt', 'chosen' and 'rejected'."
+                )
+    return pd.DataFrame(rows)
+
+
+def _read_json(path: Path) -> pd.DataFrame:
+    text = path.read_text(encoding="utf-8")
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as err:
+        if err.msg == "Extra data":  # one object per line under a .json name
+            return _read_jsonl(path)
+        raise DataFileError(
+            f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})."
+        ) from None
+    if isinstance(obj, dict) and all(isinstance(v, list) for v in obj.values()):
+        return pd.DataFrame(obj)  # columnar {"prompt": [...], "chosen": [...], ...}
+    if isinstance(obj, dict):
+        for key in ("data", "rows", "train"):
+            if isinstance(obj.get(key), list):
+                return pd.DataFrame(obj[key])
+    if isinstance(obj, list):
+        return pd.DataFrame(obj)
+    raise DataFileError(
+        f"{path}: expected a list of records or a dict of columns, found a {type(obj).__name__}."
+    )
+
+
+def _read_file(path: Path) -> pd.DataFrame:
+    if not path.exists():
+        raise DataFileError(
+            f"Preference data file {str(path)!r} does not exist (working directory: {os.getcwd()})."
+        )
+    suffix = "".join(path.suffixes[-2:]).lower() if path.suffix == ".gz" else path.suffix.lower()
+    readers = {
+        ".jsonl": _read_jsonl,
+        ".ndjson": _read_jsonl,
+        ".json": _read_json,
+        ".parquet": pd.read_parquet,
+        ".pq": pd.read_parquet,
+        ".csv": lambda p: pd.read_csv(p, keep_default_na=False),
+        ".tsv": lambda p: pd.read_csv(p, sep="\t", keep_default_na=False),
+    }
+    if suffix not in readers:
+        raise DataFileError(
+            f"Cannot read {str(path)!r}: unknown file type {suffix!r}. "
+            f"Use one of {sorted(readers)} or pass a pandas DataFrame."
+        )
+    try:
+        return readers[suffix](path)
+    except DataFileError:
+        raise
+    except Exception as err:  # parquet / csv parser errors
+        raise DataFileError(f"Could not parse {str(path)!r} as {suffix}: {err}") from err
+
+
+def _to_python(value):
+    """Turn numpy arrays (as parquet / datasets give nested lists) back into plain lists/dicts."""
+    if isinstance(value, np.ndarray):
+        return [_to_python(v) for v in value.tolist()]
+    if isinstance(value, list):
+        return [_to_python(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_python(v) for k, v in value.items()}
+    return value
+
+
+def read_table(data) -> pd.DataFrame:
+    """Any accepted form of tabular data (frame, records, columns, Dataset, file) as a new DataFrame."""
+    if isinstance(data, pd.DataFrame):
+        return data.copy()
+    if isinstance(data, (str, os.PathLike)):
+        return _read_file(Path(data))
+    if hasattr(data, "to_list") and hasattr(data, "column_names"):  # datasets.Dataset
+        return pd.DataFrame(data.to_list(), columns=list(data.column_names))
+    if isinstance(data, Mapping):
+        if all(isinstance(v, (list, tuple, np.ndarray, pd.Series)) for v in data.values()):
+            return pd.DataFrame(dict(data))
+        return pd.DataFrame([dict(data)])
+    if isinstance(data, Sequence) and not isinstance(data, (bytes, bytearray)):
+        if len(data) == 0:
+            raise DataError("The preference data are empty: pass at least one pair.")
+        bad = next((i for i, row in enumerate(data) if not isinstance(row, Mapping)), None)
+        if bad is not None:
+            raise DataError(
+                f"Row {bad} of the preference data is a {type(data[bad]).__name__}; every row must be "
+                "a dict with 'prompt', 'chosen' and 'rejected'."
+            )
+        return pd.DataFrame(list(data))
+    raise DataError(
+        f"Cannot read preference data from a {type(data).__name__}. Pass a pandas DataFrame, a list of "
+        "dicts, a datasets.Dataset, or a path to a .jsonl/.json/.parquet/.csv file."
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# validating and normalising
+# --------------------------------------------------------------------------------------------------
+def _is_missing(value) -> bool:
+    if value is None:
+        return True
+    return isinstance(value, float) and math.isnan(value)
+
+
+def _check_messages(messages, row: int, column: str) -> None:
+    if len(messages) == 0:
+        raise DataError(f"Row {row}, column {column!r}: the message list is empty.")
+    for k, message in enumerate(messages):
+        if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
+            raise DataError(
+                f"Row {row}, column {column!r}, message {k}: expected a dict with 'role' and "
+                f"'content', got {message!r:.80}."
+            )
+        role = message["role"]
+        if role not in KNOWN_ROLES:
+            raise DataError(
+                f"Row {row}, column {column!r}, message {k}: unknown role {role!r}; "
+                f"use one of {list(KNOWN_ROLES)}.{closest(role, KNOWN_ROLES)}"
+            )
+        if not isinstance(message["content"], str):
+            raise DataError(
+                f"Row {row}, column {column!r}, message {k}: 'content' must be a string, "
+                f"got {type(message['content']).__name__}."
+            )
+
+
+def _kind(value, row: int, column: str) -> str:
+    """'text' or 'chat' for one cell, or a DataError that says what is wrong with it."""
+    if _is_missing(value):
+        raise DataError(
+            f"Row {row}, column {column!r} is missing (None/NaN). Drop the row or fill in the text."
+        )
+    if isinstance(value, str):
+        if column in _RESPONSE_COLUMNS and not value.strip():
+            raise DataError(
+                f"Row {row}, column {column!r} is an empty response. Every response needs text; "
+                "drop the row or fix the data."
+            )
+        return "text"
+    if isinstance(value, (list, tuple)):
+        if value and all(isinstance(m, str) for m in value):
+            raise DataError(
+                f"Row {row}, column {column!r} holds a list of strings. Chat messages must be dicts "
+                "with 'role' and 'content'; for step-wise responses use rmlab.step_rewards."
+            )
+        _check_messages(value, row, column)
+        return "chat"
+    raise DataError(
+        f"Row {row}, column {column!r} must be a string or a list of chat messages, "
+        f"got {type(value).__name__} ({value!r:.60})."
+    )
+
+
+def _extract_text_prompt(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """Split the shared prefix off two texts as TRL's ``extract_prompt`` does."""
+    idx = 0
+    limit = min(len(chosen), len(rejected))
+    while idx < limit and chosen[idx] == rejected[idx]:
+        idx += 1
+    if 0 < idx < limit and chosen[idx - 1] == " ":  # the space before the completion stays with it
+        idx -= 1
+    return chosen[:idx], chosen[idx:], rejected[idx:]
+
+
+def _extract_chat_prompt(chosen: list, rejected: list) -> tuple[list, list, list]:
+    idx = 0
+    limit = min(len(chosen), len(rejected))
+    while idx < limit and chosen[idx] == rejected[idx]:
+        idx += 1
+    return list(chosen[:idx]), list(chosen[idx:]), list(rejected[idx:])
+
+
+def load_pairs(data, *, prompt_column: str = "prompt") -> pd.DataFrame:
+    """Read and validate preference data in TRL's convention.
+
+    Args:
+        data: a pandas DataFrame, a list of dicts, a dict of columns, a ``datasets.Dataset``, or a
+            path to a ``.jsonl`` / ``.json`` / ``.parquet`` / ``.csv`` file, with columns
+            ``prompt`` (optional), ``chosen`` and ``rejected``.
+        prompt_column: name of the prompt column, if it is not ``"prompt"``.
+
+    Returns:
+        A new DataFrame whose first columns are ``prompt``, ``chosen``, ``rejected`` (strings, or chat
+        message lists), followed by every other column of the input unchanged. Without a prompt
+        column, the prompt is the shared prefix of chosen and rejected (TRL's implicit-prompt form).
+        ``frame.attrs["format"]`` is ``"text"`` or ``"chat"``.
+
+    Raises:
+        DataError: missing columns (with the closest name), missing/empty/non-string responses,
+            malformed chat messages or unknown roles, rows that mix text and chat; each names the
+            row and column.
+        DataFileError: a path that does not exist or does not parse (with the line number).
+
+    Example:
+        >>> import rmlab
+        >>> frame = rmlab.load_pairs([{"prompt": "Hi", "chosen": " there", "rejected": " you"}])
+        >>> list(frame.columns[:3]), frame.attrs["format"]
+        (['prompt', 'chosen', 'rejected'], 'text')
+    """
+    frame = read_table(data)
+    if len(frame) == 0:
+        raise DataError("The preference data are empty: pass at least one pair.")
+    frame.columns = [str(c) for c in frame.columns]
+    if prompt_column != "prompt" and prompt_column in frame.columns:
+        frame = frame.rename(columns={prompt_column: "prompt"})
+    missing = [c for c in _RESPONSE_COLUMNS if c not in frame.columns]
+    if missing:
+        hints = "".join(closest(c, frame.columns) for c in missing)
+        raise DataError(
+            f"The preference data lack the column(s) {missing}; found {list(frame.columns)}.{hints} "
+            "Rename your columns to 'prompt', 'chosen' and 'rejected' (TRL's convention)."
+        )
+    frame = frame.reset_index(drop=True)
+    has_prompt = "prompt" in frame.columns
+    columns = (["prompt"] if has_prompt else []) + list(_RESPONSE_COLUMNS)
+    for column in columns:
+        frame[column] = [_to_python(v) for v in frame[column]]
+
+    kinds = set()
+    prompts, chosens, rejecteds = [], [], []
+    for row in range(len(frame)):
+        cells = {c: frame.at[row, c] for c in columns}
+        row_kinds = {c: _kind(v, row, c) for c, v in cells.items() if c != "prompt" or v != ""}
+        if len(set(row_kinds.values())) > 1:
+            raise DataError(
+                f"Row {row} mixes plain text and chat messages ({row_kinds}); use one format per row."
+            )
+        kind = next(iter(row_kinds.values()))
+        if kinds and kind not in kinds:
+            raise DataError(
+                f"Row {row} is {kind!r} but earlier rows are {kinds.pop()!r}; rmlab needs one format "
+                "for a whole data set."
+            )
+        kinds.add(kind)
+        chosen, rejected = cells["chosen"], cells["rejected"]
+        if has_prompt:
+            prompt = cells["prompt"]
+        elif kind == "chat":
+            prompt, chosen, rejected = _extract_chat_prompt(chosen, rejected)
+        else:
+            prompt, chosen, rejected = _extract_text_prompt(chosen, rejected)
+        for column, value in (("chosen", chosen), ("rejected", rejected)):
+            if kind == "chat" and not value:
+                raise DataError(
+                    f"Row {row}, column {column!r}: after removing the shared prompt no message is "
+                    "left; chosen and rejected must differ in their last turns."
+                )
+            if kind == "text" and not value.strip():
+                raise DataError(
+                    f"Row {row}, column {column!r}: after removing the prefix shared with the other "
+                    "response, nothing is left; give a 'prompt' column or distinct responses."
+                )
+        prompts.append(prompt)
+        chosens.append(chosen)
+        rejecteds.append(rejected)
+
+    extra = [c for c in frame.columns if c not in ("prompt", *_RESPONSE_COLUMNS)]
+    out = pd.DataFrame({"prompt": prompts, "chosen": chosens, "rejected": rejecteds})
+    for column in extra:
+        out[column] = frame[column].to_numpy()
+    out.attrs["format"] = kinds.pop()
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# tokenising
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EncodedSequence:
+    """One tokenised prompt+response, after truncation.
+
+    ``ids[start:]`` are the response tokens that are scored; the log-prob of ``ids[t]`` comes from
+    the model's output at position ``t - 1``, so ``start >= 1``.
+    """
+
+    ids: tuple[int, ...]
+    start: int
+    response_tokens_full: int  # response length before truncation
+    truncated: bool
+
+    @property
+    def response_ids(self) -> tuple[int, ...]:
+        return self.ids[self.start :]
+
+    @property
+    def n_response(self) -> int:
+        return len(self.ids) - self.start
+
+
+@dataclass(frozen=True)
+class EncodedPair:
+    """A pair of sequences that share a prompt of ``prompt_tokens`` tokens (before truncation)."""
+
+    chosen: EncodedSequence
+    rejected: EncodedSequence
+    prompt_tokens: int
+
+    @property
+    def truncated(self) -> bool:
+        return self.chosen.truncated or self.rejected.truncated
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _truncate(full: list[int], prompt_len: int, max_length: int | None, mode: str) -> EncodedSequence:
+    response_full = len(full) - prompt_len
+    ids, start, truncated = full, prompt_len, False
+    if max_length is not None and len(full) > max_length:
+        if mode == "keep_start":
+            ids, start, truncated = full[:max_length], min(prompt_len, max_length), True
+        else:  # keep_end: the prompt is cut from the left; the response loses tokens only past it
+            cut = len(full) - max_length
+            ids, start, truncated = full[cut:], max(prompt_len - cut, 0), cut >= prompt_len
+    # position 0 has no context to be predicted from (TRL drops it from the completion mask too)
+    return EncodedSequence(tuple(ids), max(start, 1), response_full, truncated)
+
+
+def _chat_ids(tokenizer, conversation: list, *, add_generation_prompt: bool, kwargs: dict) -> list[int]:
+    result = tokenizer.apply_chat_template(
+        conversation,
+        tokenize=True,
+        return_dict=True,
+        add_generation_prompt=add_generation_prompt,
+        **kwargs,
+    )
+    return list(result["input_ids"])
+
+
+def encode_pairs(
+    pairs: pd.DataFrame,
+    tokenizer,
+    *,
+    max_length: int | None = None,
+    truncation_mode: str = "keep_start",
+    add_eos: bool = True,
+    chat_template_kwargs: dict | None = None,
+) -> list[EncodedPair]:
+    """Tokenise validated pairs (from :func:`load_pairs`) as TRL's ``DPOTrainer`` does.
+
+    Args:
+        pairs: frame returned by :func:`load_pairs`.
+        tokenizer: a Hugging Face tokenizer; for chat data it needs a ``chat_template``.
+        max_length: truncate prompt+completion to this many tokens (``None``: no truncation).
+        truncation_mode: ``"keep_start"`` (TRL's default) or ``"keep_end"``.
+        add_eos: append the EOS token to plain-text completions that lack it (TRL's default).
+        chat_template_kwargs: extra arguments for ``apply_chat_template``.
+
+    Returns:
+        One :class:`EncodedPair` per row, in order.
+    """
+    check_choice("truncation_mode", truncation_mode, ("keep_start", "keep_end"))
+    if max_length is not None and (not isinstance(max_length, int) or max_length < 2):
+        raise DataError(f"max_length={max_length!r} must be an integer >= 2 (or None).")
+    fmt = pairs.attrs.get("format") or ("chat" if isinstance(pairs["chosen"].iloc[0], list) else "text")
+    kwargs = dict(chat_template_kwargs or {})
+    if fmt == "chat":
+        if not getattr(tokenizer, "chat_template", None) and "chat_template" not in kwargs:
+            raise TokenizerError(
+                "The preference data are conversations (lists of messages) but the tokenizer has no "
+                "chat_template. Set tokenizer.chat_template, pass chat_template_kwargs="
+                "{'chat_template': ...}, or give the data as plain strings."
+            )
+        prompt_ids = [
+            _chat_ids(tokenizer, p, add_generation_prompt=True, kwargs=kwargs) if p else []
+            for p in pairs["prompt"]
+        ]
+        chosen_ids = [
+            _chat_ids(tokenizer, list(p or []) + list(c), add_generation_prompt=False, kwargs=kwargs)
+            for p, c in zip(pairs["prompt"], pairs["chosen"])
+        ]
+        rejected_ids = [
+            _chat_ids(tokenizer, list(p or []) + list(r), add_generation_prompt=False, kwargs=kwargs)
+            for p, r in zip(pairs["prompt"], pairs["rejected"])
+        ]
+    else:
+        eos = tokenizer.eos_token
+        if add_eos and eos is None:
+            raise TokenizerError(
+                "add_eos=True but the tokenizer has no eos_token. Set tokenizer.eos_token or pass "
+                "add_eos=False."
+            )
+
+        def finish(text: str) -> str:
+            return text + eos if add_eos and not text.endswith(eos) else text
+
+        prompts = list(pairs["prompt"])
+        prompt_ids = tokenizer(prompts)["input_ids"]
+        chosen_ids = tokenizer([p + finish(c) for p, c in zip(prompts, pairs["chosen"])])["input_ids"]
+        rejected_ids = tokenizer([p + finish(r) for p, r in zip(prompts, pairs["rejected"])])["input_ids"]
+
+    encoded = []
+    for p_ids, c_ids, r_ids in zip(prompt_ids, chosen_ids, rejected_ids):
+        prompt_len = min(_common_prefix(p_ids, c_ids), _common_prefix(p_ids, r_ids))
+        encoded.append(
+            EncodedPair(
+                chosen=_truncate(list(c_ids), prompt_len, max_length, truncation_mode),
+                rejected=_truncate(list(r_ids), prompt_len, max_length, truncation_mode),
+                prompt_tokens=prompt_len,
+            )
+        )
+    return encoded

@@ -1,0 +1,378 @@
+"""Implicit DPO rewards: per pair, per token and per reasoning step.
+
+A policy trained by DPO defines a reward through its log-ratio to the reference
+(Rafailov et al. 2023, "Direct Preference Optimization: Your Language Model is Secretly a Reward
+Model"): ``r(x, y) = beta * sum_t [log pi(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t)]``. The summands
+are token-level rewards (Rafailov et al. 2024, "From r to Q*"), and their partial sums are the
+values of an implicit process reward model (Yuan et al. 2024, "Free Process Rewards without Process
+Labels"; PRIME, Cui et al. 2025).
+
+Every function here takes the same keyword arguments (``tokenizer``, ``beta``, ``max_length``,
+``truncation_mode``, ``add_eos``, ``batch_tokens``, ``device``, ``dtype``, ``progress``) and returns a
+tidy pandas DataFrame. Numbers match TRL's ``DPOTrainer`` logs for the same models and data.
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+
+import numpy as np
+import pandas as pd
+
+from rmlab.engine.pairs import PairLogprobs, check_beta, pair_logprobs
+from rmlab.errors import ArgumentError, DataError
+from rmlab.io.pairs import read_table
+
+_SIDES = ("chosen", "rejected")
+
+
+def _run(policy, reference, data, *, reference_free: bool, **kwargs) -> PairLogprobs:
+    if reference is None and not reference_free:
+        raise ArgumentError(
+            "reference=None: implicit DPO rewards are log-ratios to a reference model. Pass the "
+            "reference (usually the SFT model the policy started from), or reference_free=True to "
+            "score beta * log pi(y|x) alone (SimPO-style)."
+        )
+    if reference is not None and reference_free:
+        raise ArgumentError(
+            "reference_free=True ignores the reference model; pass reference=None to make that explicit."
+        )
+    return pair_logprobs(policy, reference, data, **kwargs)
+
+
+def _sum(values: np.ndarray) -> float:
+    return float(values.sum(dtype=np.float64)) if len(values) else float("nan")
+
+
+def implicit_rewards(
+    policy,
+    reference,
+    data,
+    *,
+    tokenizer=None,
+    beta: float = 0.1,
+    reference_free: bool = False,
+    length_normalize: bool = False,
+    max_length: int | None = None,
+    truncation_mode: str = "keep_start",
+    add_eos: bool = True,
+    batch_tokens: int | None = None,
+    device="auto",
+    dtype="auto",
+    progress: bool = True,
+    **kwargs,
+) -> pd.DataFrame:
+    """Implicit DPO rewards, margins and accuracy per preference pair.
+
+    Follows Rafailov et al. 2023 (DPO): ``reward = beta * (log pi(y|x) - log pi_ref(y|x))``, summed
+    over response tokens; ``margin = reward_chosen - reward_rejected``; ``correct = margin > 0``
+    (strict, as TRL); ``loss = -log sigmoid(margin)``. ``reference_free=True`` scores
+    ``beta * log pi(y|x)``; ``length_normalize=True`` divides by the response length (SimPO, Meng et al.
+    2024, when reference-free).
+
+    Args:
+        policy: the DPO-trained model: a ``PreTrainedModel`` or a hub name / local path.
+        reference: the reference model (same kinds), or None with ``reference_free=True``.
+        data: preference pairs (DataFrame, list of dicts, datasets.Dataset, or a .jsonl/.json/
+            .parquet/.csv path) with ``prompt``, ``chosen``, ``rejected``, as text or chat messages.
+        tokenizer: the tokenizer of both models (loaded from the policy's path if None).
+        beta: DPO's KL coefficient (> 0).
+        max_length: truncate prompt+response to this many tokens; affected pairs get
+            ``truncated=True``.
+        truncation_mode: ``"keep_start"`` (TRL's default) or ``"keep_end"``.
+        add_eos: append EOS to plain-text responses that lack it (TRL's default).
+        batch_tokens: padded tokens per forward pass (default 2048 on CPU, 32768 on CUDA).
+        device: ``"auto"`` (CUDA if present), ``"cpu"``, ``"cuda"``...
+        dtype: ``"auto"`` (bf16 on CUDA, fp32 on CPU) or an explicit dtype.
+        progress: show progress bars.
+        **kwargs: ``chat_template_kwargs``, ``trust_remote_code``.
+
+    Returns:
+        One row per pair: ``pair``, ``logps_chosen``, ``logps_rejected``, ``ref_logps_chosen``,
+        ``ref_logps_rejected`` (NaN when reference-free), ``reward_chosen``, ``reward_rejected``,
+        ``margin``, ``correct``, ``loss``, ``tokens_chosen``, ``tokens_rejected`` (scored response
+        tokens), ``prompt_tokens``, ``truncated``, then ``prompt``, ``chosen``, ``rejected`` and every
+        other column of the input. A response truncated to nothing has NaN log-probs and rewards.
+
+    Example:
+        >>> import rmlab
+        >>> from rmlab.toy import tiny_causal_lm, tiny_tokenizer
+        >>> tok = tiny_tokenizer()
+        >>> policy, ref = tiny_causal_lm("gpt2", seed=1), tiny_causal_lm("gpt2", seed=0)
+        >>> pairs = [{"prompt": "Review:", "chosen": " great film", "rejected": " dull film"}]
+        >>> frame = rmlab.implicit_rewards(policy, ref, pairs, tokenizer=tok, progress=False)
+        >>> list(frame.columns[:4])
+        ['pair', 'logps_chosen', 'logps_rejected', 'ref_logps_chosen']
+    """
+    beta = check_beta(beta)
+    lp = _run(
+        policy,
+        reference,
+        data,
+        reference_free=reference_free,
+        tokenizer=tokenizer,
+        max_length=max_length,
+        truncation_mode=truncation_mode,
+        add_eos=add_eos,
+        batch_tokens=batch_tokens,
+        device=device,
+        dtype=dtype,
+        progress=progress,
+        **kwargs,
+    )
+    n = len(lp.encoded)
+    cols: dict[str, np.ndarray] = {"pair": np.arange(n)}
+    for side in _SIDES:
+        logps = np.array([_sum(lp.side(side, i)) for i in range(n)])
+        tokens = np.array([len(lp.side(side, i)) for i in range(n)])
+        ref = (
+            np.array([_sum(lp.side(side, i, "reference")) for i in range(n)])
+            if lp.reference is not None
+            else np.full(n, np.nan)
+        )
+        score = logps if reference_free else logps - ref
+        if length_normalize:
+            with np.errstate(invalid="ignore", divide="ignore"):
+                score = score / np.where(tokens > 0, tokens, np.nan)
+        cols[f"logps_{side}"] = logps
+        cols[f"ref_logps_{side}"] = ref
+        cols[f"reward_{side}"] = beta * score
+        cols[f"tokens_{side}"] = tokens
+    frame = pd.DataFrame(cols)
+    frame = frame[
+        ["pair", "logps_chosen", "logps_rejected", "ref_logps_chosen", "ref_logps_rejected",
+         "reward_chosen", "reward_rejected", "tokens_chosen", "tokens_rejected"]
+    ]
+    frame.insert(7, "margin", frame["reward_chosen"] - frame["reward_rejected"])
+    frame.insert(8, "correct", frame["reward_chosen"] > frame["reward_rejected"])
+    frame.insert(9, "loss", np.logaddexp(0.0, -frame["margin"].to_numpy()))  # -log sigmoid(margin)
+    frame["prompt_tokens"] = [p.prompt_tokens for p in lp.encoded]
+    frame["truncated"] = [p.truncated for p in lp.encoded]
+    frame = pd.concat([frame, lp.pairs.reset_index(drop=True)], axis=1)
+    frame.attrs.update(
+        beta=beta, reference_free=reference_free, length_normalize=length_normalize,
+        format=lp.pairs.attrs.get("format"),
+    )
+    return frame
+
+
+def dpo_metrics(frame: pd.DataFrame) -> pd.Series:
+    """The aggregate metrics TRL's ``DPOTrainer`` logs, from an :func:`implicit_rewards` frame.
+
+    Returns a Series with ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``,
+    ``rewards/accuracies``, ``logps/chosen``, ``logps/rejected`` and ``loss`` (means over pairs,
+    as TRL computes them for one evaluation batch), plus ``pairs`` (count) and ``truncated``
+    (fraction of pairs with a truncated response). Pairs whose response was truncated to nothing
+    (NaN) are left out of the means.
+    """
+    needed = ["reward_chosen", "reward_rejected", "margin", "correct", "logps_chosen", "logps_rejected"]
+    missing = [c for c in needed if c not in frame.columns]
+    if missing:
+        raise DataError(f"dpo_metrics needs a frame from rmlab.implicit_rewards; it lacks {missing}.")
+    valid = frame["margin"].notna()
+    f = frame[valid]
+    return pd.Series(
+        {
+            "rewards/chosen": f["reward_chosen"].mean(),
+            "rewards/rejected": f["reward_rejected"].mean(),
+            "rewards/margins": f["margin"].mean(),
+            "rewards/accuracies": f["correct"].astype(float).mean(),
+            "logps/chosen": f["logps_chosen"].mean(),
+            "logps/rejected": f["logps_rejected"].mean(),
+            "loss": f["loss"].mean() if "loss" in f else np.nan,
+            "pairs": float(len(frame)),
+            "truncated": float(frame["truncated"].mean()) if "truncated" in frame else 0.0,
+        },
+        name="dpo_metrics",
+    )
+
+
+def _token_table(lp: PairLogprobs, beta: float, reference_free: bool) -> pd.DataFrame:
+    """The long per-token frame shared by :func:`token_rewards` and :func:`step_rewards`."""
+    tok = lp.tokenizer
+    parts = []
+    for i, pair in enumerate(lp.encoded):
+        for side in _SIDES:
+            seq = getattr(pair, side)
+            logp = lp.side(side, i).astype(np.float64)
+            ref = (
+                lp.side(side, i, "reference").astype(np.float64)
+                if lp.reference is not None
+                else np.full(len(logp), np.nan)
+            )
+            reward = beta * (logp if reference_free else logp - ref)
+            ids = np.asarray(seq.response_ids, dtype=np.int64)
+            parts.append(
+                pd.DataFrame(
+                    {
+                        "pair": i,
+                        "side": side,
+                        "position": np.arange(len(ids)),
+                        "token_id": ids,
+                        "logp": logp,
+                        "ref_logp": ref,
+                        "reward": reward,
+                        "cum_reward": np.cumsum(reward),
+                    }
+                )
+            )
+    frame = pd.concat(parts, ignore_index=True)
+    ids = frame["token_id"].to_numpy()
+    unique = np.unique(ids)
+    texts = dict(zip(unique.tolist(), tok.batch_decode([[int(u)] for u in unique])))
+    frame.insert(4, "token", [texts[int(t)] for t in ids])
+    frame["side"] = pd.Categorical(frame["side"], categories=list(_SIDES))
+    return frame
+
+
+def token_rewards(
+    policy,
+    reference,
+    data,
+    *,
+    tokenizer=None,
+    beta: float = 0.1,
+    reference_free: bool = False,
+    max_length: int | None = None,
+    truncation_mode: str = "keep_start",
+    add_eos: bool = True,
+    batch_tokens: int | None = None,
+    device="auto",
+    dtype="auto",
+    progress: bool = True,
+    **kwargs,
+) -> pd.DataFrame:
+    """Token-level implicit rewards ``r_t = beta * (log pi(y_t|.) - log pi_ref(y_t|.))``.
+
+    Follows Rafailov et al. 2024 ("From r to Q*: Your Language Model is Secretly a Q-Function"):
+    a DPO policy's log-ratio at each token is a dense reward whose sum is the sequence reward of
+    :func:`implicit_rewards`. Arguments as in :func:`implicit_rewards`.
+
+    Returns:
+        One row per scored response token: ``pair``, ``side`` ("chosen"/"rejected"), ``position``
+        (0-based within the response), ``token_id``, ``token`` (decoded text), ``logp``, ``ref_logp``,
+        ``reward`` and ``cum_reward`` (running sum within the response). Summing ``reward`` per pair
+        and side gives ``reward_chosen`` / ``reward_rejected`` of :func:`implicit_rewards`.
+    """
+    beta = check_beta(beta)
+    lp = _run(
+        policy, reference, data, reference_free=reference_free, tokenizer=tokenizer,
+        max_length=max_length, truncation_mode=truncation_mode, add_eos=add_eos,
+        batch_tokens=batch_tokens, device=device, dtype=dtype, progress=progress, **kwargs,
+    )
+    frame = _token_table(lp, beta, reference_free)
+    frame.attrs.update(beta=beta, reference_free=reference_free)
+    return frame
+
+
+def _join_steps(data, delimiter: str):
+    """Rows whose chosen/rejected are lists of step strings become one text joined by ``delimiter``."""
+    frame = read_table(data)
+    for column in _SIDES:
+        if column in frame.columns:
+            frame[column] = [
+                delimiter.join(v) if isinstance(v, (list, tuple)) and v and all(isinstance(s, str) for s in v)
+                else v
+                for v in frame[column]
+            ]
+    return frame
+
+
+class _PrefixLengths:
+    """``len(decode(ids[:k + 1]))`` for each k, decoded lazily (bisect reads only O(log T) of them)."""
+
+    def __init__(self, tokenizer, ids):
+        self.tokenizer, self.ids, self.cache = tokenizer, list(ids), {}
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, k):
+        if k not in self.cache:
+            self.cache[k] = len(self.tokenizer.decode(self.ids[: k + 1]))
+        return self.cache[k]
+
+
+def _step_ends(tokenizer, ids, delimiter: str) -> list[int]:
+    """Index of the last token of each step, by where ``delimiter`` falls in the decoded response."""
+    text = tokenizer.decode(list(ids))
+    bounds = [m.end() for m in re.finditer(re.escape(delimiter), text)]
+    bounds = [b for b in bounds if b < len(text.rstrip())]  # a trailing delimiter ends no new step
+    lengths = _PrefixLengths(tokenizer, ids)
+    ends: list[int] = []
+    for b in bounds:
+        k = bisect.bisect_left(lengths, b)  # first token whose decoded prefix reaches the boundary
+        if k < len(ids) - 1 and (not ends or k > ends[-1]):
+            ends.append(k)
+    ends.append(len(ids) - 1)
+    return ends
+
+
+def step_rewards(
+    policy,
+    reference,
+    data,
+    *,
+    delimiter: str = "\n\n",
+    tokenizer=None,
+    beta: float = 0.1,
+    reference_free: bool = False,
+    max_length: int | None = None,
+    truncation_mode: str = "keep_start",
+    add_eos: bool = True,
+    batch_tokens: int | None = None,
+    device="auto",
+    dtype="auto",
+    progress: bool = True,
+    **kwargs,
+) -> pd.DataFrame:
+    """Process (step) rewards of an implicit PRM.
+
+    Follows Yuan et al. 2024 ("Free Process Rewards without Process Labels") as used by PRIME
+    (Cui et al. 2025): with ``q_t = sum_{i<=t} beta * log(pi/pi_ref)(y_i)``, the reward of a step that
+    ends at token ``t`` is ``q_t - q_{t_prev}``, and ``q_t`` is the step's value. Steps are the pieces
+    of a response between occurrences of ``delimiter``, or given directly: ``chosen`` / ``rejected``
+    may be lists of step strings (joined with ``delimiter`` for the model).
+
+    Other arguments as in :func:`implicit_rewards`.
+
+    Returns:
+        One row per step: ``pair``, ``side``, ``step`` (0-based), ``text`` (decoded step),
+        ``tokens``, ``reward`` (sum of token rewards in the step), ``value`` (cumulative reward at the
+        step's end) and ``min_step_reward`` (the response's smallest step reward, a common process
+        score). Summing ``reward`` per pair and side gives the sequence reward.
+    """
+    beta = check_beta(beta)
+    if not isinstance(delimiter, str) or not delimiter:
+        raise ArgumentError(f"delimiter={delimiter!r} must be a non-empty string, e.g. '\\n\\n'.")
+    lp = _run(
+        policy, reference, _join_steps(data, delimiter), reference_free=reference_free,
+        tokenizer=tokenizer, max_length=max_length, truncation_mode=truncation_mode, add_eos=add_eos,
+        batch_tokens=batch_tokens, device=device, dtype=dtype, progress=progress, **kwargs,
+    )
+    tokens = _token_table(lp, beta, reference_free)
+    rows = []
+    for (i, side), group in tokens.groupby(["pair", "side"], sort=True, observed=True):
+        ids = group["token_id"].to_numpy()
+        rewards = group["reward"].to_numpy()
+        ends = _step_ends(lp.tokenizer, ids, delimiter)
+        begin = 0
+        for step, end in enumerate(ends):
+            rows.append(
+                {
+                    "pair": i,
+                    "side": side,
+                    "step": step,
+                    "text": lp.tokenizer.decode(ids[begin : end + 1].tolist()),
+                    "tokens": end + 1 - begin,
+                    "reward": float(rewards[begin : end + 1].sum()),
+                    "value": float(rewards[: end + 1].sum()),
+                }
+            )
+            begin = end + 1
+    frame = pd.DataFrame(rows)
+    frame["min_step_reward"] = frame.groupby(["pair", "side"], observed=True)["reward"].transform("min")
+    frame["side"] = pd.Categorical(frame["side"], categories=list(_SIDES))
+    frame.attrs.update(beta=beta, reference_free=reference_free, delimiter=delimiter)
+    return frame
