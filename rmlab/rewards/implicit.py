@@ -146,7 +146,8 @@ def implicit_rewards(
     ]
     frame.insert(7, "margin", frame["reward_chosen"] - frame["reward_rejected"])
     frame.insert(8, "correct", frame["reward_chosen"] > frame["reward_rejected"])
-    frame.insert(9, "loss", np.logaddexp(0.0, -frame["margin"].to_numpy()))  # -log sigmoid(margin)
+    with np.errstate(invalid="ignore"):  # NaN margins (responses truncated to nothing) stay NaN
+        frame.insert(9, "loss", np.logaddexp(0.0, -frame["margin"].to_numpy()))  # -log sigmoid(margin)
     frame["prompt_tokens"] = [p.prompt_tokens for p in lp.encoded]
     frame["truncated"] = [p.truncated for p in lp.encoded]
     frame = pd.concat([frame, lp.pairs.reset_index(drop=True)], axis=1)
