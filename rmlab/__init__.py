@@ -11,12 +11,14 @@ from rmlab.errors import (
     ArgumentError,
     DataError,
     DataFileError,
+    DataFileNotFoundError,
     ModelError,
     RmlabError,
     TokenizerError,
 )
 from rmlab.io.pairs import load_pairs
 from rmlab.rewards.implicit import dpo_metrics, implicit_rewards, step_rewards, token_rewards
+from rmlab.rewards.scores import reward_scores
 
 __version__ = "0.1.0"
 
@@ -24,12 +26,14 @@ __all__ = [
     "ArgumentError",
     "DataError",
     "DataFileError",
+    "DataFileNotFoundError",
     "ModelError",
     "RmlabError",
     "TokenizerError",
     "dpo_metrics",
     "implicit_rewards",
     "load_pairs",
+    "reward_scores",
     "step_rewards",
     "token_rewards",
 ]

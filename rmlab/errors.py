@@ -24,6 +24,10 @@ class DataFileError(RmlabError, ValueError):
     """A data file that does not exist or does not parse."""
 
 
+class DataFileNotFoundError(DataFileError, FileNotFoundError):
+    """A data file path that does not exist (also a ``FileNotFoundError``)."""
+
+
 class ModelError(RmlabError, TypeError):
     """A model of the wrong kind, or one that cannot be loaded as asked."""
 

@@ -121,3 +121,21 @@ def test_deterministic(policy, reference, tok, pairs):
     b = rmlab.implicit_rewards(policy, reference, pairs, tokenizer=tok, progress=False)
     cols = ["logps_chosen", "logps_rejected", "ref_logps_chosen", "ref_logps_rejected", "margin"]
     np.testing.assert_array_equal(a[cols].to_numpy(), b[cols].to_numpy())
+
+
+def test_training_mode_with_dropout_keeps_the_fused_head(tok, pairs):
+    """The fused-head check runs in eval mode: dropout in a training model is no disagreement."""
+    from rmlab.engine.logprobs import _head_for, logprobs_with_grad
+
+    model = tiny_causal_lm("gpt2", seed=5, resid_pdrop=0.1)
+    model.config.resid_pdrop = 0.1
+    for block in model.transformer.h:
+        block.mlp.dropout.p = 0.3
+    model.train()
+    encoded = encode_pairs(load_pairs(pairs[:3]), tok)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        values = logprobs_with_grad(model, [encoded[0].chosen, encoded[1].rejected], pad_id=tok.pad_token_id)
+    assert _head_for(model).fused and model.training
+    values[0].sum().backward()
+    assert model.lm_head.weight.grad is not None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -72,6 +73,17 @@ class _LMHead:
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
+_HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _head_for(model) -> _LMHead:
+    """One :class:`_LMHead` per model, so the fused-head check runs once per model."""
+    head = _HEADS.get(model)
+    if head is None:
+        head = _HEADS[model] = _LMHead(model)
+    return head
+
+
 def selective_log_softmax(
     rows: torch.Tensor,
     labels: torch.Tensor,
@@ -125,7 +137,7 @@ def _reference_logprobs(model, seq: Scored) -> torch.Tensor:
     """The model's own forward pass and a plain log-softmax: the independent check of the fused path."""
     device = next(model.parameters()).device
     ids = torch.as_tensor([list(seq.ids)], dtype=torch.long, device=device)
-    logits = model(input_ids=ids, use_cache=False).logits[0].float()
+    logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits[0].float()
     logp = torch.log_softmax(logits[:-1], dim=-1)
     target = ids[0, 1:]
     picked = logp.gather(1, target[:, None]).squeeze(1)
@@ -149,8 +161,13 @@ def _verify(head: _LMHead, seq: Scored, pad_id: int, device) -> None:
     """Compare the fused head with the model's full forward once; fall back if they disagree."""
     if not head.fused or head.verified or len(seq.ids) - seq.start < 1:
         return
-    fused = _batch_logprobs(head, [seq], pad_id, device)[0]
-    full = _reference_logprobs(head.model, seq)
+    was_training = head.model.training
+    head.model.eval()  # dropout would make the two passes differ
+    try:
+        fused = _batch_logprobs(head, [seq], pad_id, device)[0]
+        full = _reference_logprobs(head.model, seq)
+    finally:
+        head.model.train(was_training)
     dtype = next(head.model.parameters()).dtype
     tol = 1e-3 if dtype == torch.float32 else 0.1
     err = (fused - full).abs().max().item()
@@ -206,7 +223,7 @@ def token_logprobs(
     lengths = [max(len(sequences[k].ids) for k in g) for g in groups]
     width = max(len(g) for g in groups) if groups else 1
     batches = length_batches(lengths, budget, width=width)
-    head = _LMHead(model)
+    head = _head_for(model)
     results: list[np.ndarray | None] = [None] * len(sequences)
     autocast = (
         torch.autocast(device.type, dtype=autocast_dtype)
@@ -226,3 +243,17 @@ def token_logprobs(
         finally:
             bar.close()
     return results  # type: ignore[return-value]
+
+
+def logprobs_with_grad(model, sequences: Sequence[Scored], *, pad_id: int = 0) -> list[torch.Tensor]:
+    """Differentiable per-token log-probs of one batch (for training steps and gradient analyses).
+
+    The same computation as :func:`token_logprobs` (fused head, checked once per model against the
+    full forward), without ``inference_mode`` and without re-batching: the caller picks the batch.
+    Returns one 1-D tensor per sequence, on the model's device.
+    """
+    device = next(model.parameters()).device
+    head = _head_for(model)
+    with torch.no_grad():
+        _verify(head, min(sequences, key=lambda s: len(s.ids)), pad_id, device)
+    return _batch_logprobs(head, sequences, pad_id, device)

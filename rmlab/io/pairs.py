@@ -31,7 +31,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rmlab.errors import DataError, DataFileError, TokenizerError, check_choice, closest
+from rmlab.errors import (
+    DataError,
+    DataFileError,
+    DataFileNotFoundError,
+    TokenizerError,
+    check_choice,
+    closest,
+)
 
 #: Roles a chat message may carry.
 KNOWN_ROLES = ("system", "user", "assistant", "tool", "developer", "function", "ipython")
@@ -44,7 +51,7 @@ _RESPONSE_COLUMNS = ("chosen", "rejected")
 # --------------------------------------------------------------------------------------------------
 def _read_jsonl(path: Path) -> pd.DataFrame:
     rows = []
-    with open(path, encoding="utf-8") as handle:
+    with open(path, encoding="utf-8-sig") as handle:  # -sig: a leading BOM is not data
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -64,7 +71,7 @@ def _read_jsonl(path: Path) -> pd.DataFrame:
 
 
 def _read_json(path: Path) -> pd.DataFrame:
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as err:
@@ -86,20 +93,24 @@ def _read_json(path: Path) -> pd.DataFrame:
     )
 
 
+# A CSV cell has no type: responses such as "4" or "007" are text, not numbers.
+_TEXT_DTYPES = {"prompt": str, "chosen": str, "rejected": str}
+
+
 def _read_file(path: Path) -> pd.DataFrame:
     if not path.exists():
-        raise DataFileError(
+        raise DataFileNotFoundError(
             f"Preference data file {str(path)!r} does not exist (working directory: {os.getcwd()})."
         )
-    suffix = "".join(path.suffixes[-2:]).lower() if path.suffix == ".gz" else path.suffix.lower()
+    suffix = path.suffix.lower()
     readers = {
         ".jsonl": _read_jsonl,
         ".ndjson": _read_jsonl,
         ".json": _read_json,
         ".parquet": pd.read_parquet,
         ".pq": pd.read_parquet,
-        ".csv": lambda p: pd.read_csv(p, keep_default_na=False),
-        ".tsv": lambda p: pd.read_csv(p, sep="\t", keep_default_na=False),
+        ".csv": lambda p: pd.read_csv(p, keep_default_na=False, dtype=_TEXT_DTYPES),
+        ".tsv": lambda p: pd.read_csv(p, sep="\t", keep_default_na=False, dtype=_TEXT_DTYPES),
     }
     if suffix not in readers:
         raise DataFileError(
@@ -134,9 +145,19 @@ def read_table(data) -> pd.DataFrame:
     if hasattr(data, "to_list") and hasattr(data, "column_names"):  # datasets.Dataset
         return pd.DataFrame(data.to_list(), columns=list(data.column_names))
     if isinstance(data, Mapping):
-        if all(isinstance(v, (list, tuple, np.ndarray, pd.Series)) for v in data.values()):
+        chosen = data.get("chosen")
+        one_chat_row = isinstance(chosen, (list, tuple)) and any(isinstance(m, Mapping) for m in chosen)
+        if not one_chat_row and all(
+            isinstance(v, (list, tuple, np.ndarray, pd.Series)) for v in data.values()
+        ):
+            lengths = {str(k): len(v) for k, v in data.items()}
+            if len(set(lengths.values())) > 1:
+                raise DataError(
+                    f"The columns of the preference data have different lengths ({lengths}); "
+                    "every column needs one value per pair."
+                )
             return pd.DataFrame(dict(data))
-        return pd.DataFrame([dict(data)])
+        return pd.DataFrame([dict(data)])  # one pair
     if isinstance(data, Sequence) and not isinstance(data, (bytes, bytearray)):
         if len(data) == 0:
             raise DataError("The preference data are empty: pass at least one pair.")
@@ -261,7 +282,17 @@ def load_pairs(data, *, prompt_column: str = "prompt") -> pd.DataFrame:
     if len(frame) == 0:
         raise DataError("The preference data are empty: pass at least one pair.")
     frame.columns = [str(c) for c in frame.columns]
-    if prompt_column != "prompt" and prompt_column in frame.columns:
+    if prompt_column != "prompt":
+        if prompt_column not in frame.columns:
+            raise DataError(
+                f"prompt_column={prompt_column!r} is not a column of the preference data; found "
+                f"{list(frame.columns)}.{closest(prompt_column, frame.columns)}"
+            )
+        if "prompt" in frame.columns:
+            raise DataError(
+                f"The preference data have both a 'prompt' column and prompt_column={prompt_column!r}; "
+                "drop or rename one of them."
+            )
         frame = frame.rename(columns={prompt_column: "prompt"})
     missing = [c for c in _RESPONSE_COLUMNS if c not in frame.columns]
     if missing:

@@ -1,0 +1,123 @@
+"""Figures of implicit and explicit rewards: margin distributions and token-level reward text."""
+
+from __future__ import annotations
+
+import html
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from rmlab.errors import DataError
+
+#: Diverging scale for rewards: red below zero, white at zero, blue above.
+REWARD_COLORSCALE = "RdBu"
+
+
+def _require(frame: pd.DataFrame, columns, producer: str) -> None:
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise DataError(f"This figure needs a frame from {producer}; it lacks the columns {missing}.")
+
+
+def reward_margins(frame: pd.DataFrame, *, by: str | None = None, title: str | None = None) -> go.Figure:
+    """Histogram of reward margins (chosen minus rejected), one trace per group.
+
+    Args:
+        frame: from :func:`rmlab.implicit_rewards` (``margin``) or :func:`rmlab.reward_scores`.
+        by: column whose values become separate, overlaid histograms (e.g. ``"beta"``).
+        title: figure title.
+
+    Margins right of the dashed zero line are pairs the reward ranks correctly (DPO's
+    ``rewards/accuracies``).
+    """
+    _require(frame, ["margin"], "rmlab.implicit_rewards or rmlab.reward_scores")
+    fig = go.Figure()
+    groups = frame.groupby(by, sort=True) if by else [("all pairs", frame)]
+    for name, group in groups:
+        margins = group["margin"].dropna()
+        acc = float((margins > 0).mean()) if len(margins) else float("nan")
+        label = f"{by}={name}" if by else str(name)
+        fig.add_trace(
+            go.Histogram(x=margins, name=f"{label} (accuracy {acc:.0%})", opacity=0.6, nbinsx=50)
+        )
+    fig.add_vline(x=0, line_dash="dash", line_color="black")
+    fig.update_layout(
+        barmode="overlay",
+        title=title or "Reward margin r(x, y_chosen) - r(x, y_rejected)",
+        xaxis_title="margin",
+        yaxis_title="pairs",
+        legend_title=by or "",
+    )
+    return fig
+
+
+def token_reward_text(
+    tokens: pd.DataFrame,
+    pair: int,
+    *,
+    width: int = 12,
+    max_tokens: int = 600,
+    value: str = "reward",
+    title: str | None = None,
+) -> go.Figure:
+    """One pair's responses as text, each token coloured by its reward, chosen beside rejected.
+
+    Args:
+        tokens: a per-token frame (:func:`rmlab.token_rewards`: ``pair``, ``side``, ``position``,
+            ``token``, ``value`` column).
+        pair: which pair to show.
+        width: tokens per line.
+        max_tokens: longer responses are cut here (the title says so), so a figure stays usable.
+        value: the column that colours the tokens (``"reward"`` by default).
+        title: figure title.
+
+    The colour scale is diverging and centred at zero, symmetric in the largest absolute value of
+    the pair. Token text is HTML-escaped; whitespace and newlines are shown as visible marks.
+    Hovering a token shows its position, text, log-probs and reward.
+    """
+    _require(tokens, ["pair", "side", "position", "token", value], "rmlab.token_rewards")
+    rows = tokens[tokens["pair"] == pair]
+    if rows.empty:
+        raise DataError(f"pair={pair} is not in the frame (pairs {tokens['pair'].min()}..{tokens['pair'].max()}).")
+    sides = [s for s in ("chosen", "rejected") if (rows["side"] == s).any()]
+    fig = make_subplots(rows=1, cols=len(sides), subplot_titles=sides, horizontal_spacing=0.04)
+    bound = float(np.nanmax(np.abs(rows[value].to_numpy()))) or 1.0
+    cut = False
+    for col, side in enumerate(sides, start=1):
+        part = rows[rows["side"] == side].sort_values("position")
+        if len(part) > max_tokens:
+            part, cut = part.iloc[:max_tokens], True
+        n = len(part)
+        lines = max(1, int(np.ceil(n / width)))
+        z = np.full((lines, width), np.nan)
+        text = np.full((lines, width), "", dtype=object)
+        hover = np.full((lines, width), "", dtype=object)
+        for k, (_, r) in enumerate(part.iterrows()):
+            i, j = divmod(k, width)
+            shown = html.escape(str(r["token"])).replace("\n", "⏎").replace(" ", "·")
+            z[i, j] = r[value]
+            text[i, j] = shown
+            extra = "".join(
+                f"<br>{c} = {r[c]:.4f}" for c in ("logp", "ref_logp", "cum_reward") if c in r and pd.notna(r[c])
+            )
+            hover[i, j] = f"#{int(r['position'])} {shown}<br>{value} = {r[value]:.4f}{extra}"
+        fig.add_trace(
+            go.Heatmap(
+                z=z, text=text, customdata=hover, texttemplate="%{text}", hovertemplate="%{customdata}<extra></extra>",
+                colorscale=REWARD_COLORSCALE, zmid=0, zmin=-bound, zmax=bound, xgap=2, ygap=2,
+                showscale=(col == len(sides)), colorbar=dict(title=value),
+            ),
+            row=1, col=col,
+        )
+        fig.update_yaxes(autorange="reversed", showticklabels=False, row=1, col=col)
+        fig.update_xaxes(showticklabels=False, row=1, col=col)
+    total = rows.groupby("side", observed=True)[value].sum()
+    summary = ", ".join(f"{s}: {total.get(s, float('nan')):+.3f}" for s in sides)
+    fig.update_layout(
+        title=(title or f"Token rewards, pair {pair} ({summary})") + (f" - first {max_tokens} tokens" if cut else ""),
+        height=140 + 34 * max(1, int(np.ceil(min(rows.groupby('side', observed=True).size().max(), max_tokens) / width))),
+        plot_bgcolor="white",
+    )
+    return fig
