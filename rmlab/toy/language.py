@@ -8,12 +8,14 @@ The gold reward is known exactly (:func:`gold_reward`)::
 
     gold(y) = #positive adjectives - #negative adjectives
               - 2 * #clauses that repeat an earlier clause
-              - 1 * max(0, #words - 20)
+              + 0.2 * min(#words, 20)          (a fuller review is better ...)
+              - 1.0 * max(0, #words - 20)      (... up to 20 words; then verbosity costs)
 
-A proxy reward model trained on preferences over *short* reviews (where repetition and length rarely
-matter) learns "more positive is better" and extrapolates it to long repetitive reviews that gold
-punishes: the length-hacking story of reward overoptimization (Gao et al. 2022; Singhal et al. 2023,
-"A Long Way to Go: Investigating Length Correlations in RLHF").
+A proxy reward model trained on preferences over *short* reviews, where a longer review is a
+better one, learns "longer and more positive is better" and cannot see where gold turns: it
+extrapolates to long, repetitive reviews that gold punishes. This is the length-hacking story of
+reward overoptimization (Gao et al. 2022; Singhal et al. 2023, "A Long Way to Go: Investigating
+Length Correlations in RLHF").
 """
 
 from __future__ import annotations
@@ -51,6 +53,10 @@ TITLES = (
 )
 PROMPT_TEMPLATES = ("Review of {title}:", "Write a review of {title}.", "What did you think of {title}?")
 
+#: Words up to which a longer review earns more (DETAIL_BONUS each), and past which each costs 1.
+WORD_LIMIT = 20
+DETAIL_BONUS = 0.2
+
 _WORD = re.compile(r"[a-z']+")
 _CLAUSE_SPLIT = re.compile(r"\s*(?:,|\.|;|!|\?|\band\b)\s*")
 _POS, _NEG = frozenset(POSITIVE), frozenset(NEGATIVE)
@@ -64,17 +70,18 @@ def prompts() -> list[str]:
 def sample_review(rng: np.random.Generator, *, p_positive: float | None = None) -> str:
     """One review from the grammar (leading space included, as a completion after the prompt).
 
-    The number of clauses is 1 + Poisson(2.4) (capped at 9); each clause is a filler (15%), a
-    repetition of an earlier clause (probability rising with length), or a sentiment clause whose
-    polarity is positive with probability ``p_positive`` (drawn per review from Beta(2, 2) when
-    not given), so reviews range from glowing to scathing.
+    The number of clauses is 1 + Poisson(2.4) (capped at 9). From the fourth clause on, a clause
+    repeats an earlier one with probability 0.25 (long reviews ramble; short ones almost never
+    repeat). Otherwise it is a filler (15%) or a sentiment clause, positive with probability
+    ``p_positive``, drawn per review from Beta(0.5, 0.5) when not given, so most reviews are
+    clearly glowing or clearly scathing, at every length.
     """
     n = 1 + min(int(rng.poisson(2.4)), 8)
-    p_pos = rng.beta(2.0, 2.0) if p_positive is None else p_positive
+    p_pos = rng.beta(0.5, 0.5) if p_positive is None else p_positive
     clauses: list[str] = []
     for k in range(n):
         u = rng.random()
-        if k > 0 and u < 0.06 * k:
+        if k >= 3 and u < 0.25:
             clauses.append(clauses[int(rng.integers(k))])
         elif u > 0.85:
             clauses.append(FILLERS[int(rng.integers(len(FILLERS)))])
@@ -112,7 +119,7 @@ def gold_components(text: str) -> dict[str, int]:
         "positive": sum(w in _POS for w in words),
         "negative": sum(w in _NEG for w in words),
         "repeats": len(parts) - len(set(parts)),
-        "excess_words": max(0, len(words) - 20),
+        "excess_words": max(0, len(words) - WORD_LIMIT),
         "words": len(words),
     }
 
@@ -120,8 +127,8 @@ def gold_components(text: str) -> dict[str, int]:
 def gold_reward(texts: str | Iterable[str]) -> np.ndarray:
     """The toy world's true reward of responses (the text after the prompt).
 
-    ``#positive - #negative - 2 * #repeated clauses - max(0, #words - 20)``; deterministic, defined
-    on any text (words outside the grammar count only towards length).
+    ``#positive - #negative - 2 * #repeated clauses + 0.2 * min(#words, 20) - max(0, #words - 20)``;
+    deterministic, defined on any text (words outside the grammar count only towards length).
 
     Args:
         texts: one response or an iterable of responses.
@@ -134,5 +141,6 @@ def gold_reward(texts: str | Iterable[str]) -> np.ndarray:
     out = []
     for text in texts:
         c = gold_components(text)
-        out.append(c["positive"] - c["negative"] - 2.0 * c["repeats"] - 1.0 * c["excess_words"])
+        detail = DETAIL_BONUS * min(c["words"], WORD_LIMIT)
+        out.append(c["positive"] - c["negative"] - 2.0 * c["repeats"] + detail - 1.0 * c["excess_words"])
     return np.asarray(out, dtype=np.float64)
