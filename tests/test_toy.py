@@ -21,10 +21,14 @@ def test_gold_reward_hand_worked_cases():
     assert language.gold_reward(" The plot was great and the music was dull.")[0] == pytest.approx(1.8)
     # a repeated clause costs 2 (the repeat's adjective still counts): 2 - 2 + 8 * 0.2
     assert language.gold_reward(" The plot was great, the plot was great.")[0] == pytest.approx(1.6)
-    # 23 words: the detail bonus stops at 20 words (+4), and 3 words over the limit cost 3
+    # 23 words: within the limit, so 3 positives + 0.2 * 23
     long = " I thought the plot was great, I thought the music was funny, I thought the cast was clever, I saw it last week."
     assert language.word_count(long) == 23
-    assert language.gold_reward(long)[0] == pytest.approx(3 + 4 - 3)
+    assert language.gold_reward(long)[0] == pytest.approx(3 + 0.2 * 23)
+    # 32 words: the detail bonus stops at 25 words (+5) and 7 words over the limit cost 7
+    longer = long + " We watched it at home, my friend picked it."
+    assert language.word_count(longer) == 32
+    assert language.gold_reward(longer)[0] == pytest.approx(3 + 5 - 7)
     # words outside the grammar count towards length only; upper case and punctuation do not matter
     assert language.gold_reward(" GREAT!!! banana")[0] == pytest.approx(1 + 0.4)
     texts = [language.sample_review(np.random.default_rng(s)) for s in range(50)]

@@ -8,8 +8,8 @@ The gold reward is known exactly (:func:`gold_reward`)::
 
     gold(y) = #positive adjectives - #negative adjectives
               - 2 * #clauses that repeat an earlier clause
-              + 0.2 * min(#words, 20)          (a fuller review is better ...)
-              - 1.0 * max(0, #words - 20)      (... up to 20 words; then verbosity costs)
+              + 0.2 * min(#words, 25)          (a fuller review is better ...)
+              - 1.0 * max(0, #words - 25)      (... up to 25 words; then verbosity costs)
 
 A proxy reward model trained on preferences over *short* reviews, where a longer review is a
 better one, learns "longer and more positive is better" and cannot see where gold turns: it
@@ -54,7 +54,7 @@ TITLES = (
 PROMPT_TEMPLATES = ("Review of {title}:", "Write a review of {title}.", "What did you think of {title}?")
 
 #: Words up to which a longer review earns more (DETAIL_BONUS each), and past which each costs 1.
-WORD_LIMIT = 20
+WORD_LIMIT = 25
 DETAIL_BONUS = 0.2
 
 _WORD = re.compile(r"[a-z']+")
@@ -127,7 +127,7 @@ def gold_components(text: str) -> dict[str, int]:
 def gold_reward(texts: str | Iterable[str]) -> np.ndarray:
     """The toy world's true reward of responses (the text after the prompt).
 
-    ``#positive - #negative - 2 * #repeated clauses + 0.2 * min(#words, 20) - max(0, #words - 20)``;
+    ``#positive - #negative - 2 * #repeated clauses + 0.2 * min(#words, 25) - max(0, #words - 25)``;
     deterministic, defined on any text (words outside the grammar count only towards length).
 
     Args:
