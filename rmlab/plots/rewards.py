@@ -105,9 +105,9 @@ def token_reward_text(
             hover[i, j] = f"#{int(r['position'])} {shown}<br>{value} = {r[value]:.4f}{extra}"
         fig.add_trace(
             go.Heatmap(
-                z=z, text=text, customdata=hover, texttemplate="%{text}", hovertemplate="%{customdata}<extra></extra>",
+                z=z, text=text, customdata=hover, texttemplate="%{text}", textfont=dict(size=11), hovertemplate="%{customdata}<extra></extra>",
                 colorscale=REWARD_COLORSCALE, zmid=0, zmin=-bound, zmax=bound, xgap=2, ygap=2,
-                showscale=(col == len(sides)), colorbar=dict(title=value),
+                showscale=(col == len(sides)), colorbar=dict(title=dict(text=value, side="right"), thickness=12),
             ),
             row=1, col=col,
         )
@@ -117,7 +117,8 @@ def token_reward_text(
     summary = ", ".join(f"{s}: {total.get(s, float('nan')):+.3f}" for s in sides)
     fig.update_layout(
         title=(title or f"Token rewards, pair {pair} ({summary})") + (f" - first {max_tokens} tokens" if cut else ""),
-        height=140 + 34 * max(1, int(np.ceil(min(rows.groupby('side', observed=True).size().max(), max_tokens) / width))),
+        height=170 + 42 * max(2, int(np.ceil(min(rows.groupby("side", observed=True).size().max(), max_tokens) / width))),
+        margin=dict(t=90, b=20, l=20, r=20),
         plot_bgcolor="white",
     )
     return fig

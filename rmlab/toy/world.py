@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from rmlab.errors import DataFileError
 from rmlab.toy import language
@@ -108,6 +109,16 @@ def load(path: str | os.PathLike | None = None) -> ToyWorld:
             "`rmlab build-toy --out PATH`, or use a source checkout that ships data/toy."
         )
     manifest = json.loads(manifest_path.read_text())
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # seven tiny models: one bar each would only be noise
+    try:
+        return _load(root, manifest)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _load(root: Path, manifest: dict) -> ToyWorld:
     checkpoints = {
         float(beta): {int(step): root / rel for step, rel in steps.items()}
         for beta, steps in manifest["checkpoints"].items()
