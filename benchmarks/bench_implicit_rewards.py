@@ -17,6 +17,11 @@ Methods:
   trl    trl.DPOTrainer(...).evaluate() with ref_model given; only evaluate() is timed. The dataset
          is tokenised when the trainer is built; that time is reported separately, not included.
 
+Timing: --warmup runs, then --repeats timed runs per method; throughput comes from the fastest timed
+run (the median is printed too). Each run also records the CPU time other processes used meanwhile
+("other load", in cores, from /proc/stat): on a shared machine a run with other load well above 0 is
+slowed by contention, and the table says so.
+
 Peak memory: on CUDA, torch.cuda.max_memory_allocated() during one call minus what was allocated
 before it (models included in "before"). On CPU, each method runs once more in a fresh process
 (multiprocessing "spawn") that rebuilds the same models from the same seeds; the kernel's peak-RSS
@@ -27,10 +32,8 @@ memory of that call above the process's resident memory after setup (models, dat
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
-import math
 import multiprocessing as mp
 import os
 import random
@@ -291,12 +294,28 @@ def cpu_peak_memory(conf: dict) -> dict:
 # ---------------------------------------------------------------------------------------------
 # timing
 # ---------------------------------------------------------------------------------------------
+def _busy_cpu_seconds() -> float | None:
+    """CPU seconds all processes of the machine spent busy so far (from /proc/stat), or None."""
+    try:
+        with open("/proc/stat") as handle:
+            fields = [int(v) for v in handle.readline().split()[1:]]
+    except OSError:
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 def timed(fn, device, warmup: int, repeats: int, cuda_memory: bool):
-    """Run fn warmup + repeats times; return (times of the timed runs, last result, peak MiB or None)."""
+    """Run fn warmup + repeats times.
+
+    Returns (wall times of the timed runs, other load of each run, last result, peak MiB or None).
+    "Other load" is the CPU time other processes used during the run, in cores (busy CPU seconds
+    of the machine minus this process's, over the wall time): a contended run reads well above 0.
+    """
     result = None
     for _ in range(warmup):
         result = fn()
-    times, peak = [], None
+    times, others, peak = [], [], None
     for r in range(repeats):
         gc.collect()
         if cuda_memory and r == 0:
@@ -304,13 +323,16 @@ def timed(fn, device, warmup: int, repeats: int, cuda_memory: bool):
             before = torch.cuda.memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)
         sync(device)
-        t0 = time.perf_counter()
+        busy0, cpu0, t0 = _busy_cpu_seconds(), time.process_time(), time.perf_counter()
         result = fn()
         sync(device)
-        times.append(time.perf_counter() - t0)
+        wall = time.perf_counter() - t0
+        busy1, cpu1 = _busy_cpu_seconds(), time.process_time()
+        times.append(wall)
+        others.append(max(0.0, (busy1 - busy0) - (cpu1 - cpu0)) / wall if busy0 is not None else float("nan"))
         if cuda_memory and r == 0:
             peak = (torch.cuda.max_memory_allocated(device) - before) / 2**20
-    return times, result, peak
+    return times, others, result, peak
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,7 +350,7 @@ def parse_args(argv=None):
                    help="model dtype (auto: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--methods", default="rmlab,naive,trl", help="comma-separated subset of rmlab,naive,trl")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=2, help="timed repeats per method (>= 2 recommended)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats per method (>= 2)")
     p.add_argument("--trl-batch-size", type=int, default=8, help="per_device_eval_batch_size of TRL")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
@@ -343,6 +365,10 @@ def parse_args(argv=None):
     if args.repeats < 1 or args.warmup < 0 or args.pairs < 1:
         p.error("--repeats >= 1, --warmup >= 0 and --pairs >= 1 are required")
     return args
+
+
+def _runs(times, others) -> str:
+    return ", ".join(f"{t:.3f}s (other load {o:.2f} cores)" for t, o in zip(times, others))
 
 
 def fmt_ratio(a, b) -> str:
@@ -383,7 +409,8 @@ def main(argv=None) -> int:
           f"mean {statistics.mean(seq_lens):.1f}, min {min(seq_lens)}, max {max(seq_lens)}; response tokens "
           f"mean {statistics.mean(resp_lens):.1f}; total tokens (chosen+rejected) = {total_tokens}")
     print(f"timing: {args.warmup} warm-up + {args.repeats} timed runs per method; throughput from the "
-          f"MEDIAN timed run (best run shown too)")
+          f"BEST (fastest) timed run, median shown too (other processes on a shared machine only ever "
+          f"slow a run down)")
     print()
 
     results: dict[str, dict] = {}
@@ -391,28 +418,28 @@ def main(argv=None) -> int:
     cuda_mem = device.type == "cuda"
 
     if "rmlab" in args.methods:
-        times, frame, peak = timed(lambda: run_rmlab(policy, reference, pairs, tok, dtype), device,
+        times, others, frame, peak = timed(lambda: run_rmlab(policy, reference, pairs, tok, dtype), device,
                                    args.warmup, args.repeats, cuda_mem)
-        results["rmlab"] = dict(times=times, cuda_peak=peak)
+        results["rmlab"] = dict(times=times, other_load=others, cuda_peak=peak)
         outputs["rmlab"] = frame
-        print(f"rmlab done: {', '.join(f'{t:.3f}s' for t in times)}", flush=True)
+        print(f"rmlab done: {_runs(times, others)}", flush=True)
     if "naive" in args.methods:
-        times, arr, peak = timed(lambda: run_naive(policy, reference, pairs, tok), device,
+        times, others, arr, peak = timed(lambda: run_naive(policy, reference, pairs, tok), device,
                                  args.warmup, args.repeats, cuda_mem)
-        results["naive"] = dict(times=times, cuda_peak=peak)
+        results["naive"] = dict(times=times, other_load=others, cuda_peak=peak)
         outputs["naive"] = arr
-        print(f"naive done: {', '.join(f'{t:.3f}s' for t in times)}", flush=True)
+        print(f"naive done: {_runs(times, others)}", flush=True)
     trl_setup_s = None
     if "trl" in args.methods:
         with tempfile.TemporaryDirectory() as workdir:
             t0 = time.perf_counter()
             trainer = build_trl(policy, reference, pairs, tok, args.trl_batch_size, device, dtype, workdir)
             trl_setup_s = time.perf_counter() - t0
-            times, metrics, peak = timed(lambda: run_trl(trainer), device, args.warmup, args.repeats, cuda_mem)
+            times, others, metrics, peak = timed(lambda: run_trl(trainer), device, args.warmup, args.repeats, cuda_mem)
             del trainer
-        results["trl"] = dict(times=times, cuda_peak=peak)
+        results["trl"] = dict(times=times, other_load=others, cuda_peak=peak)
         outputs["trl"] = metrics
-        print(f"trl done: {', '.join(f'{t:.3f}s' for t in times)}  (DPOTrainer construction incl. "
+        print(f"trl done: {_runs(times, others)}  (DPOTrainer construction incl. "
               f"dataset tokenisation: {trl_setup_s:.2f}s, not included)", flush=True)
 
     # peak memory
@@ -438,31 +465,35 @@ def main(argv=None) -> int:
         else "peak MiB = peak RSS of one call in a fresh process, above that process's RSS after setup "
         "(weights, data and, for trl, the built trainer excluded); base = RSS after setup"
     )
-    header = f"{'method':<7} {'median s':>9} {'best s':>8} {'pairs/s':>9} {'tokens/s':>10} {'peak MiB':>9} {'base MiB':>9}"
+    header = f"{'method':<7} {'best s':>8} {'median s':>9} {'pairs/s':>9} {'tokens/s':>10} {'peak MiB':>9} {'base MiB':>9}"
+    header += f" {'GFLOP/s':>8}"
     if cuda_mem:
-        header += f" {'TFLOP/s':>8} {'MFU':>7}"
+        header += f" {'MFU':>7}"
     print(header)
     print("-" * len(header))
     flops_per_run = 2 * 2 * n_params * total_tokens  # 2 models x (2 x params x tokens) per forward
     for method, res in results.items():
         med, best = statistics.median(res["times"]), min(res["times"])
-        res["pairs_s"] = args.pairs / med
-        res["tokens_s"] = total_tokens / med
+        res["pairs_s"] = args.pairs / best
+        res["tokens_s"] = total_tokens / best
         mem = res.get("mem") or {}
         if "error" in mem:
             peak_s, base_s = "err", "err"
         else:
             peak_s = f"{mem['extra_mib']:.0f}" if mem.get("extra_mib") is not None else "-"
             base_s = f"{mem['base_mib']:.0f}" if mem.get("base_mib") is not None else "-"
-        line = (f"{method:<7} {med:>9.3f} {best:>8.3f} {res['pairs_s']:>9.2f} {res['tokens_s']:>10.0f} "
+        line = (f"{method:<7} {best:>8.3f} {med:>9.3f} {res['pairs_s']:>9.2f} {res['tokens_s']:>10.0f} "
                 f"{peak_s:>9} {base_s:>9}")
+        gflops = flops_per_run / best / 1e9
+        line += f" {gflops:>8.1f}"
         if cuda_mem:
-            tflops = flops_per_run / med / 1e12
-            line += f" {tflops:>8.1f} {100 * tflops / args.peak_tflops:>6.1f}%"
+            line += f" {100 * gflops / 1e3 / args.peak_tflops:>6.1f}%"
         print(line)
+    print(f"  GFLOP/s by the convention 2 models x 2 x params ({n_params / 1e6:.2f}M) x tokens per run "
+          f"(= {flops_per_run / 1e12:.3f} TFLOP), whatever each method really computes")
     print(f"  tokens = all prompt+response tokens of chosen and rejected ({total_tokens} per run); "
           f"each run scores them under both models")
-    print(f"  {peak_note}")
+    print(f"  {peak_note}" if not args.no_memory else "  peak memory not measured (--no-memory)")
     for method, res in results.items():
         if "error" in (res.get("mem") or {}):
             print(f"  memory of {method}: {res['mem']['error']}")
@@ -474,11 +505,19 @@ def main(argv=None) -> int:
     if "naive" in results:
         print("  naive: timed end to end (tokenisation + 4 unbatched forwards per pair)")
     if cuda_mem:
-        print(f"  MFU assumes FLOPs = 2 models x 2 x params ({n_params / 1e6:.0f}M) x tokens per run and a "
-              f"peak of {args.peak_tflops:.0f} TFLOP/s ({'H100 SXM bf16 dense' if args.peak_tflops == H100_BF16_DENSE_TFLOPS else 'user-given'})")
+        print(f"  MFU = GFLOP/s above over a peak of {args.peak_tflops:.0f} TFLOP/s "
+              f"({'H100 SXM bf16 dense, an assumption' if args.peak_tflops == H100_BF16_DENSE_TFLOPS else 'given by --peak-tflops'})")
+    noisy = [m for m, res in results.items() if len(res["times"]) > 1 and max(res["times"]) > 1.2 * min(res["times"])]
+    if noisy:
+        print(f"  note: timed runs of {', '.join(noisy)} differ by more than 20% (a noisy machine)")
+    for method, res in results.items():
+        k = res["times"].index(min(res["times"]))
+        if res["other_load"][k] > 0.25:
+            print(f"  WARNING: other processes used {res['other_load'][k]:.2f} cores during the best run of "
+                  f"{method}; its number is not clean, rerun on a quiet machine or raise --repeats")
 
     print()
-    print("ratios (throughput, from median times):")
+    print("ratios (throughput, from best times):")
     r = {m: res["pairs_s"] for m, res in results.items()}
     if "rmlab" in r and "naive" in r:
         print(f"  rmlab / naive = {fmt_ratio(r['rmlab'], r['naive'])}")
