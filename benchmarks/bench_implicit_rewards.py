@@ -387,7 +387,8 @@ def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     import rmlab
-    from rmlab.io.pairs import encode_pairs, load_pairs
+    from rmlab.io.pairs import load_pairs
+    from rmlab.io.tokenize import encode_pairs
 
     t0 = time.perf_counter()
     policy, reference, tok = build_models(args.size, device, dtype)

@@ -12,7 +12,8 @@ import torch
 import rmlab
 from rmlab.engine.batching import length_batches, pad_right
 from rmlab.engine.logprobs import selective_log_softmax, token_logprobs
-from rmlab.io.pairs import encode_pairs, load_pairs
+from rmlab.io.pairs import load_pairs
+from rmlab.io.tokenize import encode_pairs
 from rmlab.toy import tiny_causal_lm, tiny_tokenizer
 from tests.conftest import make_pairs
 

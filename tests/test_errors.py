@@ -11,7 +11,8 @@ import pytest
 
 import rmlab
 from rmlab.errors import ArgumentError, DataError, DataFileError, ModelError, RmlabError, TokenizerError
-from rmlab.io.pairs import encode_pairs, load_pairs
+from rmlab.io.pairs import load_pairs
+from rmlab.io.tokenize import encode_pairs
 from rmlab.toy import tiny_causal_lm, tiny_tokenizer
 
 GOOD = {"prompt": "Review:", "chosen": " great film", "rejected": " dull film"}

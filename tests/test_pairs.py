@@ -7,7 +7,8 @@ import json
 import pandas as pd
 import pytest
 
-from rmlab.io.pairs import encode_pairs, load_pairs, read_table
+from rmlab.io.pairs import load_pairs, read_table
+from rmlab.io.tokenize import encode_pairs
 from rmlab.toy import tiny_causal_lm, tiny_tokenizer
 from tests.conftest import make_pairs
 

@@ -23,7 +23,8 @@ from rmlab.io.models import (
     model_device,
     resolve_dtype,
 )
-from rmlab.io.pairs import EncodedPair, encode_pairs, load_pairs
+from rmlab.io.pairs import load_pairs
+from rmlab.io.tokenize import EncodedPair, encode_pairs
 
 
 @dataclass

@@ -19,7 +19,8 @@ from transformers import AutoModelForSequenceClassification, PreTrainedModel
 from rmlab.engine.batching import default_batch_tokens, length_batches, pad_right
 from rmlab.errors import ModelError
 from rmlab.io.models import load_tokenizer, model_device, resolve_device, resolve_dtype
-from rmlab.io.pairs import encode_pairs, load_pairs
+from rmlab.io.pairs import load_pairs
+from rmlab.io.tokenize import encode_pairs
 
 
 def load_reward_model(model, *, device="auto", dtype="auto", trust_remote_code: bool = False):

@@ -36,11 +36,12 @@ from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from rmlab.engine.logprobs import Scored
-from rmlab.io.pairs import encode_pairs, load_pairs
+from rmlab.io.pairs import load_pairs
+from rmlab.io.tokenize import encode_pairs
 from rmlab.rewards.scores import score_ids
 from rmlab.toy import language
 from rmlab.toy.tiny import tiny_tokenizer
-from rmlab.toy.train import reward_scores_tensor, train_dpo, train_lm, train_reward_model
+from rmlab.toy.train import train_dpo, train_lm, train_reward_model
 
 
 @dataclass

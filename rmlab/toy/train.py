@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from rmlab.engine.batching import pad_right
 from rmlab.engine.logprobs import Scored, logprobs_with_grad, token_logprobs
-from rmlab.io.pairs import EncodedPair
+from rmlab.io.tokenize import EncodedPair
 
 
 def _cosine_lr(optimizer, step: int, total: int, base: float, warmup: int) -> None:
@@ -25,6 +25,14 @@ def _cosine_lr(optimizer, step: int, total: int, base: float, warmup: int) -> No
         lr = base * 0.5 * (1 + np.cos(np.pi * (step - warmup) / max(1, total - warmup)))
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def _step(optimizer, loss, model) -> None:
+    """One optimiser step with gradients clipped to norm 1."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
 
 
 def train_lm(
@@ -52,10 +60,7 @@ def train_lm(
         batch = [sequences[i] for i in gen.integers(len(sequences), size=batch_size)]
         logps = torch.cat(logprobs_with_grad(model, batch, pad_id=pad_id))
         loss = -logps.mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        _step(opt, loss, model)
         losses.append(loss.item())
     model.eval()
     return losses
@@ -98,10 +103,7 @@ def train_reward_model(
         scores = reward_scores_tensor(model, [chosen[i] for i in idx] + [rejected[i] for i in idx], pad_id)
         margin = scores[: len(idx)] - scores[len(idx) :]
         loss = -F.logsigmoid(margin).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        _step(opt, loss, model)
         losses.append(loss.item())
     model.eval()
     return losses
@@ -146,10 +148,7 @@ def train_dpo(
         lp = torch.stack([t.sum() for t in logprobs_with_grad(policy, batch, pad_id=pad_id)]).view(-1, 2)
         logratio = lp - ref_sums[torch.as_tensor(idx)]
         loss = -F.logsigmoid(beta * (logratio[:, 0] - logratio[:, 1])).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-        opt.step()
+        _step(opt, loss, policy)
         losses.append(loss.item())
         done = step + 1
         if on_checkpoint is not None and (
