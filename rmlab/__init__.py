@@ -18,6 +18,7 @@ from rmlab.errors import (
 )
 from rmlab.io.pairs import load_pairs
 from rmlab.rewards.implicit import dpo_metrics, implicit_rewards, step_rewards, token_rewards
+from rmlab.rewards.dense import dense_rewards
 from rmlab.rewards.scores import reward_scores
 
 __version__ = "0.1.0"
@@ -30,6 +31,7 @@ __all__ = [
     "ModelError",
     "RmlabError",
     "TokenizerError",
+    "dense_rewards",
     "dpo_metrics",
     "implicit_rewards",
     "load_pairs",

@@ -13,11 +13,11 @@ import numpy as np
 import pandas as pd
 
 from rmlab.engine.logprobs import token_logprobs
-from rmlab.errors import ArgumentError, DataError, TokenizerError
+from rmlab.errors import ArgumentError, TokenizerError
 from rmlab.io.models import (
+    check_context,
     check_same_tokenizer,
     check_vocab_covers,
-    context_length,
     load_causal_lm,
     load_tokenizer,
     model_device,
@@ -55,21 +55,6 @@ def check_beta(beta) -> float:
     if not np.isfinite(value) or value <= 0:
         raise ArgumentError(f"beta={beta!r} must be a finite number > 0 (DPO's KL coefficient, e.g. 0.1).")
     return value
-
-
-def _check_context(encoded: list[EncodedPair], model, role: str, max_length) -> None:
-    limit = context_length(model)
-    if limit is None:
-        return
-    for i, pair in enumerate(encoded):
-        for side in ("chosen", "rejected"):
-            n = len(getattr(pair, side).ids)
-            if n > limit:
-                raise DataError(
-                    f"Row {i}, {side}: prompt+response is {n} tokens but the {role} model accepts at "
-                    f"most {limit}. Pass max_length={limit} (or less) to truncate"
-                    + (" further." if max_length else ".")
-                )
 
 
 def pair_logprobs(
@@ -123,9 +108,14 @@ def pair_logprobs(
         add_eos=add_eos,
         chat_template_kwargs=chat_template_kwargs,
     )
-    _check_context(encoded, policy_model, "policy", max_length)
+    lengths = [
+        (f"Row {i}, {side}", len(getattr(p, side).ids))
+        for i, p in enumerate(encoded)
+        for side in ("chosen", "rejected")
+    ]
+    check_context(lengths, policy_model, "policy", max_length)
     if ref_model is not None:
-        _check_context(encoded, ref_model, "reference", max_length)
+        check_context(lengths, ref_model, "reference", max_length)
 
     sequences = [s for p in encoded for s in (p.chosen, p.rejected)]
     groups = [[2 * i, 2 * i + 1] for i in range(len(encoded))]

@@ -10,16 +10,19 @@ its own device.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
     AutoTokenizer,
     PreTrainedModel,
 )
 
-from rmlab.errors import ArgumentError, ModelError, TokenizerError
+from rmlab.errors import ArgumentError, DataError, ModelError, TokenizerError, closest
 
 _DTYPES = {
     "float32": torch.float32,
@@ -134,6 +137,94 @@ def load_causal_lm(
     return model.eval()
 
 
+def is_reward_model(model) -> bool:
+    """True for sequence classifiers (``*ForSequenceClassification``), the usual reward-model class."""
+    return isinstance(model, PreTrainedModel) and type(model).__name__.endswith("ForSequenceClassification")
+
+
+def load_reward_model(
+    model,
+    *,
+    role: str = "reward model",
+    device="auto",
+    dtype="auto",
+    trust_remote_code: bool = False,
+    use_safetensors: bool = True,
+    revision: str | None = None,
+) -> PreTrainedModel:
+    """Return a reward model (a sequence classifier) ready for inference, loading it if a name or path.
+
+    Arguments as in :func:`load_causal_lm`; a multi-output head is accepted here and resolved by
+    :func:`reward_label`.
+
+    Raises:
+        ModelError: the object is a causal LM or anything else than a sequence classifier, or loading
+            failed.
+    """
+    if isinstance(model, (str, os.PathLike)):
+        target = resolve_device(device)
+        try:
+            loaded = AutoModelForSequenceClassification.from_pretrained(
+                str(model),
+                dtype=resolve_dtype(dtype, target),
+                trust_remote_code=trust_remote_code,
+                use_safetensors=use_safetensors,
+                revision=revision,
+            )
+        except (OSError, ValueError) as err:
+            hint = ""
+            if use_safetensors and "safetensors" in str(err).lower():
+                hint = (
+                    " The repository may only have pickled weights: pass use_safetensors=False if "
+                    "you trust its source."
+                )
+            raise ModelError(f"Could not load the {role} {str(model)!r}: {err}{hint}") from err
+        model = loaded.to(target)
+    elif device not in (None, "auto"):
+        model = model.to(resolve_device(device))
+    if not is_reward_model(model):
+        extra = (
+            " It is a causal LM: a DPO policy's implicit reward is computed by rmlab.implicit_rewards "
+            "(or attribute_reward(..., reference=...))."
+            if is_causal_lm(model)
+            else ""
+        )
+        raise ModelError(
+            f"The {role} is a {_describe(model)}, not a sequence classifier. Pass an "
+            f"AutoModelForSequenceClassification with one score (num_labels=1).{extra}"
+        )
+    return model.eval()
+
+
+def reward_label(model, label=None) -> int:
+    """Index of the output that holds the reward: 0 for a one-output head, else ``label`` resolved.
+
+    ``label`` may be an index or a name from ``model.config.id2label``.
+
+    Raises:
+        ModelError: the head has several outputs and ``label`` does not pick one of them.
+    """
+    n = int(model.config.num_labels)
+    names = {str(v): int(k) for k, v in (getattr(model.config, "id2label", None) or {}).items()}
+    if label is None:
+        if n == 1:
+            return 0
+        raise ModelError(
+            f"The reward model has {n} outputs ({', '.join(names) or 'unnamed'}); a reward is one score. "
+            "Pass label=<index or name> to say which output is the reward."
+        )
+    if isinstance(label, str):
+        if label not in names:
+            raise ModelError(
+                f"label={label!r} is not one of the reward model's outputs {sorted(names)}."
+                + closest(label, names)
+            )
+        return names[label]
+    if isinstance(label, (int, np.integer)) and not isinstance(label, bool) and 0 <= int(label) < n:
+        return int(label)
+    raise ModelError(f"label={label!r} must be an output index in 0..{n - 1} or a label name.")
+
+
 def load_tokenizer(tokenizer, model, *, role: str = "policy", trust_remote_code: bool = False):
     """Return ``tokenizer`` (loading it if a name/path), or the tokenizer saved with ``model``.
 
@@ -202,6 +293,22 @@ def context_length(model) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def check_context(lengths: Sequence[tuple[str, int]], model, role: str, max_length) -> None:
+    """Raise :class:`DataError` for the first sequence longer than the model's context window.
+
+    ``lengths`` holds ``(where, number of tokens)`` per sequence, ``where`` naming it for the user.
+    """
+    limit = context_length(model)
+    if limit is None:
+        return
+    for where, n in lengths:
+        if n > limit:
+            raise DataError(
+                f"{where}: prompt+response is {n} tokens but the {role} model accepts at most "
+                f"{limit}. Pass max_length={limit} (or less) to truncate" + (" further." if max_length else ".")
+            )
 
 
 def is_local_path(value) -> bool:

@@ -110,14 +110,14 @@ def _read_file(path: Path) -> pd.DataFrame:
         raise DataFileError(f"Could not parse {str(path)!r} as {suffix}: {err}") from err
 
 
-def _to_python(value):
+def to_python(value):
     """Turn numpy arrays (as parquet / datasets give nested lists) back into plain lists/dicts."""
     if isinstance(value, np.ndarray):
-        return [_to_python(v) for v in value.tolist()]
+        return [to_python(v) for v in value.tolist()]
     if isinstance(value, list):
-        return [_to_python(v) for v in value]
+        return [to_python(v) for v in value]
     if isinstance(value, dict):
-        return {k: _to_python(v) for k, v in value.items()}
+        return {k: to_python(v) for k, v in value.items()}
     return value
 
 
@@ -190,14 +190,19 @@ def _check_messages(messages, row: int, column: str) -> None:
             )
 
 
-def _kind(value, row: int, column: str) -> str:
-    """'text' or 'chat' for one cell, or a DataError that says what is wrong with it."""
+def cell_kind(value, row: int, column: str, *, response: bool | None = None) -> str:
+    """'text' or 'chat' for one cell, or a DataError that says what is wrong with it.
+
+    ``response`` (default: the column is ``chosen`` or ``rejected``) makes empty text an error.
+    """
+    if response is None:
+        response = column in _RESPONSE_COLUMNS
     if _is_missing(value):
         raise DataError(
             f"Row {row}, column {column!r} is missing (None/NaN). Drop the row or fill in the text."
         )
     if isinstance(value, str):
-        if column in _RESPONSE_COLUMNS and not value.strip():
+        if response and not value.strip():
             raise DataError(
                 f"Row {row}, column {column!r} is an empty response. Every response needs text; "
                 "drop the row or fix the data."
@@ -290,13 +295,13 @@ def load_pairs(data, *, prompt_column: str = "prompt") -> pd.DataFrame:
     has_prompt = "prompt" in frame.columns
     columns = (["prompt"] if has_prompt else []) + list(_RESPONSE_COLUMNS)
     for column in columns:
-        frame[column] = [_to_python(v) for v in frame[column]]
+        frame[column] = [to_python(v) for v in frame[column]]
 
     kinds = set()
     prompts, chosens, rejecteds = [], [], []
     for row in range(len(frame)):
         cells = {c: frame.at[row, c] for c in columns}
-        row_kinds = {c: _kind(v, row, c) for c, v in cells.items() if c != "prompt" or v != ""}
+        row_kinds = {c: cell_kind(v, row, c) for c, v in cells.items() if c != "prompt" or v != ""}
         if len(set(row_kinds.values())) > 1:
             raise DataError(
                 f"Row {row} mixes plain text and chat messages ({row_kinds}); use one format per row."

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 
 from rmlab.errors import DataError, TokenizerError, check_choice
@@ -92,6 +93,76 @@ def _chat_ids(tokenizer, conversation: list, *, add_generation_prompt: bool, kwa
     return list(result["input_ids"])
 
 
+def decode_tokens(tokenizer, ids) -> list[str]:
+    """The text of each token id on its own (each distinct id decoded once)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    unique = np.unique(ids)
+    texts = dict(zip(unique.tolist(), tokenizer.batch_decode([[int(u)] for u in unique])))
+    return [texts[int(t)] for t in ids]
+
+
+def resolve_add_eos(tokenizer, add_eos) -> bool:
+    """``add_eos=None`` means: append EOS when the tokenizer has one and does not add it itself.
+
+    Reward models follow TRL's ``RewardTrainer`` (EOS appended to plain text); encoder tokenizers
+    (BERT, RoBERTa) close every text with their own separator, so nothing is appended for them.
+    """
+    if add_eos is not None:
+        return bool(add_eos)
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        return False
+    ids = tokenizer("a")["input_ids"]
+    return not (ids and ids[-1] == eos)
+
+
+def _format(frame: pd.DataFrame, column: str) -> str:
+    return frame.attrs.get("format") or ("chat" if isinstance(frame[column].iloc[0], list) else "text")
+
+
+def _check_template(tokenizer, kwargs: dict) -> None:
+    if not getattr(tokenizer, "chat_template", None) and "chat_template" not in kwargs:
+        raise TokenizerError(
+            "The data are conversations (lists of messages) but the tokenizer has no "
+            "chat_template. Set tokenizer.chat_template, pass chat_template_kwargs="
+            "{'chat_template': ...}, or give the data as plain strings."
+        )
+
+
+def _prompt_ids(tokenizer, fmt: str, prompts: list, kwargs: dict) -> list[list[int]]:
+    if fmt == "chat":
+        return [
+            _chat_ids(tokenizer, p, add_generation_prompt=True, kwargs=kwargs) if p else [] for p in prompts
+        ]
+    return list(tokenizer(list(prompts))["input_ids"])
+
+
+def _full_ids(tokenizer, fmt: str, prompts: list, completions: list, add_eos: bool, kwargs: dict):
+    """Ids of prompt + completion: chat template without generation prompt, or text (+ EOS)."""
+    if fmt == "chat":
+        return [
+            _chat_ids(tokenizer, list(p or []) + list(c), add_generation_prompt=False, kwargs=kwargs)
+            for p, c in zip(prompts, completions)
+        ]
+    eos = tokenizer.eos_token
+    if add_eos and eos is None:
+        raise TokenizerError(
+            "add_eos=True but the tokenizer has no eos_token. Set tokenizer.eos_token or pass "
+            "add_eos=False."
+        )
+
+    def finish(text: str) -> str:
+        return text + eos if add_eos and not text.endswith(eos) else text
+
+    return list(tokenizer([p + finish(c) for p, c in zip(prompts, completions)])["input_ids"])
+
+
+def _check_options(max_length, truncation_mode) -> None:
+    check_choice("truncation_mode", truncation_mode, ("keep_start", "keep_end"))
+    if max_length is not None and (not isinstance(max_length, int) or max_length < 2):
+        raise DataError(f"max_length={max_length!r} must be an integer >= 2 (or None).")
+
+
 def encode_pairs(
     pairs: pd.DataFrame,
     tokenizer,
@@ -108,51 +179,23 @@ def encode_pairs(
         tokenizer: a Hugging Face tokenizer; for chat data it needs a ``chat_template``.
         max_length: truncate prompt+completion to this many tokens (``None``: no truncation).
         truncation_mode: ``"keep_start"`` (TRL's default) or ``"keep_end"``.
-        add_eos: append the EOS token to plain-text completions that lack it (TRL's default).
+        add_eos: append the EOS token to plain-text completions that lack it (TRL's default);
+            ``None`` decides as :func:`resolve_add_eos`.
         chat_template_kwargs: extra arguments for ``apply_chat_template``.
 
     Returns:
         One :class:`EncodedPair` per row, in order.
     """
-    check_choice("truncation_mode", truncation_mode, ("keep_start", "keep_end"))
-    if max_length is not None and (not isinstance(max_length, int) or max_length < 2):
-        raise DataError(f"max_length={max_length!r} must be an integer >= 2 (or None).")
-    fmt = pairs.attrs.get("format") or ("chat" if isinstance(pairs["chosen"].iloc[0], list) else "text")
+    _check_options(max_length, truncation_mode)
+    fmt = _format(pairs, "chosen")
     kwargs = dict(chat_template_kwargs or {})
     if fmt == "chat":
-        if not getattr(tokenizer, "chat_template", None) and "chat_template" not in kwargs:
-            raise TokenizerError(
-                "The preference data are conversations (lists of messages) but the tokenizer has no "
-                "chat_template. Set tokenizer.chat_template, pass chat_template_kwargs="
-                "{'chat_template': ...}, or give the data as plain strings."
-            )
-        prompt_ids = [
-            _chat_ids(tokenizer, p, add_generation_prompt=True, kwargs=kwargs) if p else []
-            for p in pairs["prompt"]
-        ]
-        chosen_ids = [
-            _chat_ids(tokenizer, list(p or []) + list(c), add_generation_prompt=False, kwargs=kwargs)
-            for p, c in zip(pairs["prompt"], pairs["chosen"])
-        ]
-        rejected_ids = [
-            _chat_ids(tokenizer, list(p or []) + list(r), add_generation_prompt=False, kwargs=kwargs)
-            for p, r in zip(pairs["prompt"], pairs["rejected"])
-        ]
-    else:
-        eos = tokenizer.eos_token
-        if add_eos and eos is None:
-            raise TokenizerError(
-                "add_eos=True but the tokenizer has no eos_token. Set tokenizer.eos_token or pass "
-                "add_eos=False."
-            )
-
-        def finish(text: str) -> str:
-            return text + eos if add_eos and not text.endswith(eos) else text
-
-        prompts = list(pairs["prompt"])
-        prompt_ids = tokenizer(prompts)["input_ids"]
-        chosen_ids = tokenizer([p + finish(c) for p, c in zip(prompts, pairs["chosen"])])["input_ids"]
-        rejected_ids = tokenizer([p + finish(r) for p, r in zip(prompts, pairs["rejected"])])["input_ids"]
+        _check_template(tokenizer, kwargs)
+    add_eos = resolve_add_eos(tokenizer, add_eos)
+    prompts = list(pairs["prompt"])
+    prompt_ids = _prompt_ids(tokenizer, fmt, prompts, kwargs)
+    chosen_ids = _full_ids(tokenizer, fmt, prompts, list(pairs["chosen"]), add_eos, kwargs)
+    rejected_ids = _full_ids(tokenizer, fmt, prompts, list(pairs["rejected"]), add_eos, kwargs)
 
     encoded = []
     for p_ids, c_ids, r_ids in zip(prompt_ids, chosen_ids, rejected_ids):
@@ -165,3 +208,33 @@ def encode_pairs(
             )
         )
     return encoded
+
+
+def encode_responses(
+    responses: pd.DataFrame,
+    tokenizer,
+    *,
+    max_length: int | None = None,
+    truncation_mode: str = "keep_start",
+    add_eos: bool | None = None,
+    chat_template_kwargs: dict | None = None,
+) -> list[EncodedSequence]:
+    """Tokenise validated prompt/response rows (from :func:`rmlab.io.responses.load_responses`).
+
+    Each row is tokenised like one side of a pair in :func:`encode_pairs`; rows without a prompt
+    score their whole text (the response starts after any BOS the tokenizer adds).
+    """
+    _check_options(max_length, truncation_mode)
+    fmt = _format(responses, "response")
+    kwargs = dict(chat_template_kwargs or {})
+    if fmt == "chat":
+        _check_template(tokenizer, kwargs)
+    add_eos = resolve_add_eos(tokenizer, add_eos)
+    prompts = list(responses["prompt"])
+    prompt_ids = _prompt_ids(tokenizer, fmt, prompts, kwargs)
+    full_ids = _full_ids(tokenizer, fmt, prompts, list(responses["response"]), add_eos, kwargs)
+    out = []
+    for p_ids, f_ids in zip(prompt_ids, full_ids):
+        # a prompt-less text encodes to [] or [BOS] (+ separators): the response starts after it
+        out.append(_truncate(list(f_ids), _common_prefix(p_ids, f_ids), max_length, truncation_mode))
+    return out

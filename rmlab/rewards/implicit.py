@@ -23,6 +23,7 @@ import pandas as pd
 from rmlab.engine.pairs import PairLogprobs, check_beta, pair_logprobs
 from rmlab.errors import ArgumentError, DataError
 from rmlab.io.pairs import read_table
+from rmlab.io.tokenize import decode_tokens
 
 _SIDES = ("chosen", "rejected")
 
@@ -191,7 +192,6 @@ def dpo_metrics(frame: pd.DataFrame) -> pd.Series:
 
 def _token_table(lp: PairLogprobs, beta: float, reference_free: bool) -> pd.DataFrame:
     """The long per-token frame shared by :func:`token_rewards` and :func:`step_rewards`."""
-    tok = lp.tokenizer
     parts = []
     for i, pair in enumerate(lp.encoded):
         for side in _SIDES:
@@ -219,10 +219,7 @@ def _token_table(lp: PairLogprobs, beta: float, reference_free: bool) -> pd.Data
                 )
             )
     frame = pd.concat(parts, ignore_index=True)
-    ids = frame["token_id"].to_numpy()
-    unique = np.unique(ids)
-    texts = dict(zip(unique.tolist(), tok.batch_decode([[int(u)] for u in unique])))
-    frame.insert(4, "token", [texts[int(t)] for t in ids])
+    frame.insert(4, "token", decode_tokens(lp.tokenizer, frame["token_id"].to_numpy()))
     frame["side"] = pd.Categorical(frame["side"], categories=list(_SIDES))
     return frame
 

@@ -4,7 +4,7 @@
 """
 
 from rmlab.toy.language import gold_reward
-from rmlab.toy.tiny import CHAT_TEMPLATE, tiny_causal_lm, tiny_tokenizer
+from rmlab.toy.tiny import CHAT_TEMPLATE, tiny_causal_lm, tiny_reward_model, tiny_tokenizer
 from rmlab.toy.world import ToyWorld, load
 
-__all__ = ["CHAT_TEMPLATE", "ToyWorld", "gold_reward", "load", "tiny_causal_lm", "tiny_tokenizer"]
+__all__ = ["CHAT_TEMPLATE", "ToyWorld", "gold_reward", "load", "tiny_causal_lm", "tiny_reward_model", "tiny_tokenizer"]

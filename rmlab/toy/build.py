@@ -38,7 +38,7 @@ from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadMo
 from rmlab.engine.logprobs import Scored
 from rmlab.io.pairs import load_pairs
 from rmlab.io.tokenize import encode_pairs
-from rmlab.rewards.scores import score_ids
+from rmlab.engine.reward_model import score_sequences
 from rmlab.toy import language
 from rmlab.toy.tiny import tiny_tokenizer
 from rmlab.toy.train import train_dpo, train_lm, train_reward_model
@@ -182,7 +182,7 @@ def _rm_scores(model, tokenizer, prompts, completions) -> np.ndarray:
     """Proxy scores of prompt+completion+EOS, tokenised as the reward models were trained."""
     eos = tokenizer.eos_token
     ids = tokenizer([p + c + eos for p, c in zip(prompts, completions)])["input_ids"]
-    return score_ids(model, ids, pad_id=tokenizer.pad_token_id, progress=False)
+    return score_sequences(model, ids, pad_id=tokenizer.pad_token_id, progress=False)
 
 
 def bon_expectation(proxy: np.ndarray, values: np.ndarray, n: int) -> float:

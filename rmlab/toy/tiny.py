@@ -13,6 +13,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
     PreTrainedModel,
     PreTrainedTokenizerFast,
 )
@@ -46,6 +47,7 @@ def tiny_tokenizer(
     vocab_size: int = 384,
     *,
     add_bos: bool = False,
+    encoder: bool = False,
     padding_side: str = "right",
     corpus: list[str] | None = None,
 ) -> PreTrainedTokenizerFast:
@@ -55,6 +57,8 @@ def tiny_tokenizer(
         vocab_size: target vocabulary size (bytes + merges + special tokens).
         add_bos: prepend ``<s>`` to every encoded text, as Llama tokenizers do; used to check that a
             BOS token is never doubled.
+        encoder: wrap every text as ``<s> text <|endoftext|>``, as RoBERTa-style encoder tokenizers
+            do (a class token first, a separator last); for encoder reward models.
         padding_side: ``"right"`` or ``"left"``.
         corpus: texts to train on (a built-in sample of review-like sentences by default).
 
@@ -72,7 +76,14 @@ def tiny_tokenizer(
         show_progress=False,
     )
     tok.train_from_iterator((corpus or _CORPUS) * 4, trainer=trainer)
-    if add_bos:
+    if encoder:
+        bos_id, eos_id = tok.token_to_id("<s>"), tok.token_to_id("<|endoftext|>")
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A <|endoftext|>",
+            pair="<s> $A <|endoftext|> <|endoftext|> $B <|endoftext|>",
+            special_tokens=[("<s>", bos_id), ("<|endoftext|>", eos_id)],
+        )
+    elif add_bos:
         bos_id = tok.token_to_id("<s>")
         tok.post_processor = processors.TemplateProcessing(
             single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)]
@@ -100,6 +111,13 @@ _ARCHS = {
         num_key_value_heads=2,
         max_position_embeddings=512,
         tie_word_embeddings=False,
+    ),
+    "bert": dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=512,
     ),
     "gpt_neox": dict(
         hidden_size=32,
@@ -131,14 +149,42 @@ def tiny_causal_lm(
     Returns:
         The model in eval mode, fp32, on CPU.
     """
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(_tiny_config(arch, vocab_size, overrides)).eval()
+
+
+def _tiny_config(arch: str, vocab_size: int, overrides: dict):
     fields = dict(_ARCHS.get(arch, {}))
     # ids of the specials of :func:`tiny_tokenizer`: <|endoftext|>=0, <|pad|>=1, <s>=2
     fields.update(bos_token_id=2, eos_token_id=0, pad_token_id=1)
     fields.update(overrides)
     config = AutoConfig.for_model(arch, vocab_size=vocab_size, **fields)
-    for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout", "hidden_dropout"):
-        if hasattr(config, name):
+    for name in (
+        "resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout", "hidden_dropout",
+        "hidden_dropout_prob", "attention_probs_dropout_prob", "summary_first_dropout",
+        "classifier_dropout",
+    ):
+        if getattr(config, name, None) is not None:
             setattr(config, name, 0.0)
+    return config
+
+
+def tiny_reward_model(
+    arch: str = "gpt2",
+    vocab_size: int = 384,
+    *,
+    seed: int = 0,
+    num_labels: int = 1,
+    **overrides,
+) -> PreTrainedModel:
+    """Build a randomly initialised reward model (``AutoModelForSequenceClassification``) from a config.
+
+    Causal architectures (``"gpt2"``, ``"llama"``, ``"gpt_neox"``) pool the score at the last
+    non-padding token, as TRL's ``RewardTrainer`` models do; ``"bert"`` is an encoder that pools its
+    first token. Same arguments as :func:`tiny_causal_lm`, plus ``num_labels`` (outputs of the score
+    head; a reward model has one).
+    """
+    config = _tiny_config(arch, vocab_size, overrides)
+    config.num_labels = num_labels
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
-    return model.eval()
+    return AutoModelForSequenceClassification.from_config(config).eval()

@@ -1,0 +1,307 @@
+"""Run an explicit reward model (a sequence classifier) over preference pairs or single responses.
+
+Shared first step of :func:`rmlab.reward_scores`, :func:`rmlab.dense_rewards` and
+:func:`rmlab.attribute_reward`: every input check happens in :func:`prepare_reward_inputs`, before
+any model runs. Scores come from the model's own forward pass, so they are pooled exactly as the
+model was trained (for causal reward models: the head at the rightmost non-padding token, as
+transformers' ``*ForSequenceClassification`` and TRL's ``RewardTrainer`` do; for encoders: the
+class-token pooler).
+
+:func:`position_scores` is the one-pass shortcut for causal reward models: the score head applied
+to every hidden state gives, at position ``t``, the score of the prefix ending at ``t`` (causal
+attention: no position sees the future). It is checked once per model against scoring prefixes
+one by one, and refused for models where that does not hold (encoders).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from rmlab.engine.batching import default_batch_tokens, length_batches, pad_right
+from rmlab.errors import ArgumentError, ModelError, TokenizerError
+from rmlab.io.models import (
+    check_context,
+    load_reward_model,
+    load_tokenizer,
+    model_device,
+    resolve_dtype,
+    reward_label,
+)
+from rmlab.io.responses import load_scoring_data
+from rmlab.io.tokenize import EncodedSequence, encode_pairs, encode_responses
+
+
+@dataclass
+class RewardInputs:
+    """Validated data, tokenised, with the reward model that will score it.
+
+    For pairs (``kind == "pairs"``) ``sequences[2 * i]`` / ``sequences[2 * i + 1]`` are the chosen /
+    rejected sequences of pair ``i``; for responses (``kind == "responses"``) ``sequences[i]`` is
+    row ``i``.
+    """
+
+    kind: str
+    frame: pd.DataFrame
+    sequences: list[EncodedSequence]
+    model: torch.nn.Module
+    tokenizer: object
+    label: int
+    pad_id: int
+    batch_tokens: int | None
+    autocast_dtype: torch.dtype | None
+
+    @property
+    def sides(self) -> tuple[str, ...]:
+        return ("chosen", "rejected") if self.kind == "pairs" else ("response",)
+
+    def index(self, seq: int) -> tuple[int, str]:
+        """(row of the frame, side) of sequence ``seq``."""
+        width = len(self.sides)
+        return seq // width, self.sides[seq % width]
+
+
+@contextlib.contextmanager
+def _pad_token(model, pad_id: int):
+    """Give the model a ``pad_token_id`` for the duration of a call if its config has none."""
+    had = getattr(model.config, "pad_token_id", None)
+    if had is None:
+        model.config.pad_token_id = pad_id
+    try:
+        yield model.config.pad_token_id
+    finally:
+        if had is None:
+            model.config.pad_token_id = None
+
+
+def prepare_reward_inputs(
+    reward_model,
+    data,
+    *,
+    tokenizer=None,
+    label=None,
+    max_length: int | None = None,
+    truncation_mode: str = "keep_start",
+    add_eos: bool | None = None,
+    chat_template_kwargs: dict | None = None,
+    batch_tokens: int | None = None,
+    device="auto",
+    dtype="auto",
+    trust_remote_code: bool = False,
+    role: str = "reward model",
+) -> RewardInputs:
+    """Validate the model, the tokenizer and the data, then tokenise; nothing heavy runs here.
+
+    ``data`` with ``chosen``/``rejected`` columns are pairs (:func:`rmlab.load_pairs`); anything
+    else is read as single responses (:func:`rmlab.io.responses.load_responses`). ``add_eos=None``
+    appends EOS to plain text when the tokenizer does not close texts itself (TRL's
+    ``RewardTrainer`` appends it; encoder tokenizers add their own separator).
+    """
+    if batch_tokens is not None and (not isinstance(batch_tokens, int) or batch_tokens < 1):
+        raise ArgumentError(f"batch_tokens={batch_tokens!r} must be a positive integer (or None).")
+    kind, frame = load_scoring_data(data)
+    pairs = kind == "pairs"
+    model = load_reward_model(
+        reward_model, role=role, device=device, dtype=dtype, trust_remote_code=trust_remote_code
+    )
+    index = reward_label(model, label)
+    tok = load_tokenizer(tokenizer, reward_model, role=role, trust_remote_code=trust_remote_code)
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tok) > rows:
+        raise TokenizerError(
+            f"The tokenizer has {len(tok)} tokens but the {role}'s embedding has only {rows} rows: "
+            f"they do not belong together. Pass the tokenizer the {role} was trained with."
+        )
+    options = dict(
+        max_length=max_length,
+        truncation_mode=truncation_mode,
+        add_eos=add_eos,
+        chat_template_kwargs=chat_template_kwargs,
+    )
+    if pairs:
+        encoded = encode_pairs(frame, tok, **options)
+        sequences = [s for p in encoded for s in (p.chosen, p.rejected)]
+        where = [f"Row {i}, {side}" for i in range(len(encoded)) for side in ("chosen", "rejected")]
+    else:
+        sequences = encode_responses(frame, tok, **options)
+        where = [f"Row {i}" for i in range(len(sequences))]
+    check_context(list(zip(where, (len(s.ids) for s in sequences))), model, role, max_length)
+    pad_id = model.config.pad_token_id
+    if pad_id is None:
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    if pad_id is None:
+        raise TokenizerError(
+            f"Neither the {role}'s config nor its tokenizer names a padding token, so batches cannot "
+            "be padded. Set tokenizer.pad_token (e.g. to the EOS token) or model.config.pad_token_id."
+        )
+    dev = model_device(model)
+    wanted = resolve_dtype(dtype, dev)
+    params_dtype = next(model.parameters()).dtype
+    autocast = wanted if dev.type == "cuda" and wanted != params_dtype else None
+    return RewardInputs(
+        kind="pairs" if pairs else "responses",
+        frame=frame,
+        sequences=sequences,
+        model=model,
+        tokenizer=tok,
+        label=index,
+        pad_id=int(pad_id),
+        batch_tokens=batch_tokens,
+        autocast_dtype=autocast,
+    )
+
+
+def _autocast(model, dtype):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=model_device(model).type, dtype=dtype)
+
+
+def score_sequences(
+    model,
+    sequences: Sequence[Sequence[int]],
+    *,
+    pad_id: int,
+    label: int = 0,
+    batch_tokens: int | None = None,
+    autocast_dtype=None,
+    progress: bool = True,
+    desc: str = "reward scores",
+) -> np.ndarray:
+    """One score per id list from the model's own forward pass, in length-bucketed batches.
+
+    Right padding with ``pad_id``; the model pools as it was trained (rightmost non-padding token
+    for causal reward models, the class token for encoders).
+    """
+    device = model_device(model)
+    budget = batch_tokens or default_batch_tokens(device)
+    batches = length_batches([len(s) for s in sequences], budget)
+    out = np.empty(len(sequences), dtype=np.float64)
+    with _pad_token(model, pad_id) as pad, torch.inference_mode(), _autocast(model, autocast_dtype):
+        for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+            ids, mask = pad_right([sequences[i] for i in batch], pad)
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            out[batch] = logits[:, label].float().cpu().numpy()
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# one pass: the score head at every position
+# --------------------------------------------------------------------------------------------------
+_ONE_PASS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _score_head(model):
+    """The module that maps every hidden state to scores in causal ``*ForSequenceClassification``."""
+    head = getattr(model, "score", None)
+    return head if isinstance(head, torch.nn.Module) else None
+
+
+def _all_positions(model, ids, mask, label: int) -> torch.Tensor:
+    """Head output at every position, ``B x T`` (float32), captured from the model's own forward."""
+    captured = {}
+
+    def hook(_module, _inputs, output):
+        captured["scores"] = output
+
+    handle = _score_head(model).register_forward_hook(hook)
+    try:
+        model(input_ids=ids, attention_mask=mask)
+    finally:
+        handle.remove()
+    scores = captured.get("scores")
+    if scores is None or scores.dim() != 3 or scores.shape[1] != ids.shape[1]:
+        raise ModelError(
+            f"{type(model).__name__}'s score head does not output one score per position, so the "
+            "one-pass dense rewards do not apply; use method='prefix'."
+        )
+    return scores[..., label].float()
+
+
+def _pooled_index(ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """For every position t, the rightmost index <= t whose token is not padding (the model's pooling)."""
+    positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+    real = torch.where(ids != pad_id, positions, torch.zeros_like(positions))
+    return torch.cummax(real, dim=1).values
+
+
+def one_pass_problem(model, pad_id: int, label: int = 0) -> str | None:
+    """Why the one-pass shortcut does not hold for ``model`` (None when it does); checked once.
+
+    The check scores a probe sequence in one pass and each of its prefixes alone with the model's
+    own forward; they must agree to 1e-4 (relative to the score scale).
+    """
+    key = (pad_id, label)
+    cached = _ONE_PASS.get(model, {})
+    if key in cached:
+        return cached[key]
+    problem = None
+    if _score_head(model) is None:
+        problem = (
+            f"{type(model).__name__} has no per-position score head (it pools before scoring, as "
+            "encoders such as BERT or RoBERTa do)"
+        )
+    else:
+        vocab = model.get_input_embeddings().weight.shape[0]
+        generator = torch.Generator().manual_seed(0)
+        probe = torch.randint(0, vocab, (1, 7), generator=generator)
+        probe[probe == pad_id] = (pad_id + 1) % vocab
+        device = model_device(model)
+        probe = probe.to(device)
+        with _pad_token(model, pad_id), torch.inference_mode():
+            try:
+                every = _all_positions(model, probe, torch.ones_like(probe), label)[0]
+            except ModelError as err:
+                problem = str(err)
+            else:
+                alone = torch.stack(
+                    [model(input_ids=probe[:, : t + 1]).logits[0, label].float() for t in range(probe.shape[1])]
+                )
+                scale = max(1.0, float(alone.abs().max()))
+                if not torch.allclose(every, alone, atol=1e-4 * scale, rtol=0):
+                    problem = (
+                        f"{type(model).__name__}'s per-position scores differ from scoring each prefix "
+                        f"alone (by up to {float((every - alone).abs().max()):.2g}): the model is not causal"
+                    )
+    cached[key] = problem
+    _ONE_PASS[model] = cached
+    return problem
+
+
+def position_scores(
+    model,
+    sequences: Sequence[Sequence[int]],
+    *,
+    pad_id: int,
+    label: int = 0,
+    batch_tokens: int | None = None,
+    autocast_dtype=None,
+    progress: bool = True,
+    desc: str = "dense rewards",
+) -> list[np.ndarray]:
+    """``s_t`` = the score of the prefix ending at every position t, in one forward pass per batch.
+
+    The model's pooling is honoured: at a padding-token position the prefix score is that of the
+    last non-padding token, as the model would pool the prefix. Callers check
+    :func:`one_pass_problem` first.
+    """
+    device = model_device(model)
+    budget = batch_tokens or default_batch_tokens(device)
+    batches = length_batches([len(s) for s in sequences], budget)
+    out: list[np.ndarray] = [np.empty(0)] * len(sequences)
+    with _pad_token(model, pad_id) as pad, torch.inference_mode(), _autocast(model, autocast_dtype):
+        for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+            ids, mask = pad_right([sequences[i] for i in batch], pad)
+            ids, mask = ids.to(device), mask.to(device)
+            scores = _all_positions(model, ids, mask, label)
+            scores = torch.gather(scores, 1, _pooled_index(ids, pad)).cpu().numpy().astype(np.float64)
+            for row, i in enumerate(batch):
+                out[i] = scores[row, : len(sequences[i])]
+    return out

@@ -1,0 +1,170 @@
+"""Dense per-token rewards of an explicit reward model.
+
+A reward model scores whole texts; reading it token by token asks how the score moves as the
+response grows. With ``s_t`` the score of the prompt plus the response up to and including token
+``t``, the token reward is ``r_t = s_t - s_{t-1}``, the first taken against ``s_prompt``, the score
+at the end of the prompt; the rewards telescope to ``s_T - s_prompt``. This is the prefix-score
+reading of a sequence-level reward used for dense credit assignment (e.g. Chan et al. 2024,
+"Dense Reward for Free in Reinforcement Learning from Human Feedback", which redistributes the
+final score over tokens; here the redistribution is the exact prefix difference).
+
+Two ways to compute ``s_t``:
+
+- ``one_pass``: for a causal (decoder) reward model with last-token pooling, the score head applied
+  to every hidden state gives every ``s_t`` in ONE forward pass (causal attention: position ``t``
+  never sees the future). Checked once per model against scoring prefixes alone.
+- ``prefix``: score each prefix as its own input, batched. Needed for encoders (BERT, RoBERTa),
+  which pool a class token and see the whole text; the tokenizer's closing tokens (e.g. ``[SEP]``)
+  are appended to each prefix as they would be to a full text.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from rmlab.engine.reward_model import (
+    RewardInputs,
+    one_pass_problem,
+    position_scores,
+    prepare_reward_inputs,
+    score_sequences,
+)
+from rmlab.errors import ModelError, check_choice
+from rmlab.io.tokenize import EncodedSequence, decode_tokens
+
+METHODS = ("auto", "one_pass", "prefix")
+
+
+def _closing_tokens(tokenizer) -> list[int]:
+    """Special tokens the tokenizer appends after every text (``[SEP]``, ``</s>``...), or []."""
+    empty = list(tokenizer("")["input_ids"])
+    text = list(tokenizer("a")["input_ids"])
+    shared = 0
+    while shared < min(len(empty), len(text)) and empty[shared] == text[shared]:
+        shared += 1
+    return empty[shared:]
+
+
+def _prefixes(seq: EncodedSequence, closing: list[int]) -> list[list[int]]:
+    """The prompt and every prompt+response prefix, closed as the tokenizer closes a full text."""
+    ids = list(seq.ids)
+    out = []
+    for end in range(seq.start, len(ids) + 1):
+        prefix = ids[:end]
+        if closing and prefix[-len(closing):] != closing:
+            prefix = prefix + closing
+        out.append(prefix)
+    return out
+
+
+def _prefix_scores(inputs: RewardInputs, progress: bool) -> list[np.ndarray]:
+    """``[s_prompt, s_0, ..., s_T-1]`` per sequence by scoring each prefix alone (batched)."""
+    closing = _closing_tokens(inputs.tokenizer) if inputs.frame.attrs.get("format") == "text" else []
+    flat, owner = [], []
+    for i, seq in enumerate(inputs.sequences):
+        for prefix in _prefixes(seq, closing):
+            flat.append(prefix)
+            owner.append(i)
+    scores = score_sequences(
+        inputs.model, flat, pad_id=inputs.pad_id, label=inputs.label, batch_tokens=inputs.batch_tokens,
+        autocast_dtype=inputs.autocast_dtype, progress=progress, desc="prefix scores",
+    )
+    bounds = np.cumsum([0] + [s.n_response + 1 for s in inputs.sequences])
+    return [scores[bounds[i] : bounds[i + 1]] for i in range(len(inputs.sequences))]
+
+
+def _one_pass_scores(inputs: RewardInputs, progress: bool) -> list[np.ndarray]:
+    every = position_scores(
+        inputs.model, [s.ids for s in inputs.sequences], pad_id=inputs.pad_id, label=inputs.label,
+        batch_tokens=inputs.batch_tokens, autocast_dtype=inputs.autocast_dtype, progress=progress,
+    )
+    # position start-1 is the last prompt token: its score is s_prompt
+    return [scores[seq.start - 1 :] for scores, seq in zip(every, inputs.sequences)]
+
+
+def dense_rewards(
+    reward_model,
+    data,
+    *,
+    method: str = "auto",
+    tokenizer=None,
+    label=None,
+    max_length: int | None = None,
+    truncation_mode: str = "keep_start",
+    add_eos: bool | None = None,
+    batch_tokens: int | None = None,
+    device="auto",
+    dtype="auto",
+    progress: bool = True,
+    **kwargs,
+) -> pd.DataFrame:
+    """Per-token rewards of an explicit reward model: how the score moves with each response token.
+
+    ``s_t`` is the reward model's score of prompt + response tokens ``0..t``; the token reward is
+    ``r_t = s_t - s_{t-1}`` with ``s_{-1} = s_prompt`` (the score at the end of the prompt), so the
+    rewards of a response sum to ``s_T - s_prompt`` (DESIGN section 3; dense credit assignment as
+    in Chan et al. 2024, "Dense Reward for Free in RLHF").
+
+    Args:
+        reward_model: an ``AutoModelForSequenceClassification`` or a hub name / local path.
+        data: preference pairs, or texts to score one by one, as :func:`rmlab.reward_scores`.
+        method: ``"one_pass"`` (causal reward models: the score head at every hidden state, one
+            forward pass), ``"prefix"`` (score every prefix alone; works for encoders too) or
+            ``"auto"`` (one pass when the model supports it, checked once per model).
+        tokenizer, label, max_length, truncation_mode, add_eos, batch_tokens, device, dtype,
+            progress, **kwargs: as in :func:`rmlab.reward_scores`.
+
+    Returns:
+        One row per response token: ``pair`` (or ``row`` for single texts), ``side``
+        ("chosen"/"rejected", or "response"), ``position`` (0-based within the response),
+        ``token_id``, ``token`` (decoded text), ``prefix_score`` (``s_t``), ``reward`` (``r_t``) and
+        ``cum_reward`` (``s_t - s_prompt``, so ``prefix_score - cum_reward`` is ``s_prompt``).
+        ``frame.attrs["method"]`` is the method used.
+
+    Raises:
+        ModelError: ``method="one_pass"`` for a model where it does not hold (an encoder), a causal
+            LM or a multi-output head without ``label`` (see :func:`rmlab.reward_scores`).
+    """
+    check_choice("method", method, METHODS)
+    inputs = prepare_reward_inputs(
+        reward_model, data, tokenizer=tokenizer, label=label, max_length=max_length,
+        truncation_mode=truncation_mode, add_eos=add_eos, batch_tokens=batch_tokens, device=device,
+        dtype=dtype, **kwargs,
+    )
+    if method != "prefix":
+        problem = one_pass_problem(inputs.model, inputs.pad_id, inputs.label)
+        if problem and method == "one_pass":
+            raise ModelError(
+                f"method='one_pass' needs a causal reward model whose score head runs at every "
+                f"position, but {problem}. Use method='prefix' (or 'auto')."
+            )
+        method = "prefix" if problem else "one_pass"
+    runs = _one_pass_scores(inputs, progress) if method == "one_pass" else _prefix_scores(inputs, progress)
+    return _token_frame(inputs, runs, method)
+
+
+def _token_frame(inputs: RewardInputs, runs: list[np.ndarray], method: str) -> pd.DataFrame:
+    key = "pair" if inputs.kind == "pairs" else "row"
+    parts = []
+    for i, (seq, scores) in enumerate(zip(inputs.sequences, runs)):
+        row, side = inputs.index(i)
+        ids = np.asarray(seq.response_ids, dtype=np.int64)
+        parts.append(
+            pd.DataFrame(
+                {
+                    key: row,
+                    "side": side,
+                    "position": np.arange(len(ids)),
+                    "token_id": ids,
+                    "prefix_score": scores[1:],
+                    "reward": np.diff(scores),
+                    "cum_reward": scores[1:] - scores[0],
+                }
+            )
+        )
+    frame = pd.concat(parts, ignore_index=True)
+    frame.insert(4, "token", decode_tokens(inputs.tokenizer, frame["token_id"].to_numpy()))
+    frame["side"] = pd.Categorical(frame["side"], categories=list(inputs.sides))
+    frame.attrs.update(method=method, kind=inputs.kind, format=inputs.frame.attrs.get("format"))
+    return frame
