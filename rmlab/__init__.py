@@ -16,6 +16,14 @@ from rmlab.errors import (
     RmlabError,
     TokenizerError,
 )
+from rmlab import plots
+from rmlab.diagnostics import (
+    RewardModelReport,
+    preference_strength,
+    ranking_accuracy,
+    ranking_summary,
+    reward_model_report,
+)
 from rmlab.io.pairs import load_pairs
 from rmlab.rewards.implicit import dpo_metrics, implicit_rewards, step_rewards, token_rewards
 from rmlab.rewards.dense import dense_rewards
@@ -29,12 +37,18 @@ __all__ = [
     "DataFileError",
     "DataFileNotFoundError",
     "ModelError",
+    "RewardModelReport",
     "RmlabError",
     "TokenizerError",
     "dense_rewards",
     "dpo_metrics",
     "implicit_rewards",
     "load_pairs",
+    "plots",
+    "preference_strength",
+    "ranking_accuracy",
+    "ranking_summary",
+    "reward_model_report",
     "reward_scores",
     "step_rewards",
     "token_rewards",

@@ -1,6 +1,14 @@
 """Pure functions from rmlab's tidy DataFrames to plotly figures (no torch here)."""
 
 from rmlab.plots.overoptimization import overoptimization_curve
+from rmlab.plots.reward_model import calibration_diagram, length_bias, preference_strength_map
 from rmlab.plots.rewards import reward_margins, token_reward_text
 
-__all__ = ["overoptimization_curve", "reward_margins", "token_reward_text"]
+__all__ = [
+    "calibration_diagram",
+    "length_bias",
+    "overoptimization_curve",
+    "preference_strength_map",
+    "reward_margins",
+    "token_reward_text",
+]

@@ -65,9 +65,11 @@ def token_reward_text(
     """One pair's responses as text, each token coloured by its reward, chosen beside rejected.
 
     Args:
-        tokens: a per-token frame (:func:`rmlab.token_rewards`: ``pair``, ``side``, ``position``,
-            ``token``, ``value`` column).
-        pair: which pair to show.
+        tokens: a per-token frame: :func:`rmlab.token_rewards` (implicit DPO rewards),
+            :func:`rmlab.dense_rewards` (reward-model rewards) or :func:`rmlab.attribute_reward`
+            (``value="attribution"``); columns ``pair`` (or ``row`` for single texts), ``side``,
+            ``position``, ``token`` and the ``value`` column.
+        pair: which pair (or row) to show.
         width: tokens per line.
         max_tokens: longer responses are cut here (the title says so), so a figure stays usable.
         value: the column that colours the tokens (``"reward"`` by default).
@@ -77,11 +79,12 @@ def token_reward_text(
     the pair. Token text is HTML-escaped; whitespace and newlines are shown as visible marks.
     Hovering a token shows its position, text, log-probs and reward.
     """
-    _require(tokens, ["pair", "side", "position", "token", value], "rmlab.token_rewards")
-    rows = tokens[tokens["pair"] == pair]
+    key = "row" if "row" in tokens.columns and "pair" not in tokens.columns else "pair"
+    _require(tokens, [key, "side", "position", "token", value], "rmlab.token_rewards or rmlab.dense_rewards")
+    rows = tokens[tokens[key] == pair]
     if rows.empty:
-        raise DataError(f"pair={pair} is not in the frame (pairs {tokens['pair'].min()}..{tokens['pair'].max()}).")
-    sides = [s for s in ("chosen", "rejected") if (rows["side"] == s).any()]
+        raise DataError(f"{key}={pair} is not in the frame ({key}s {tokens[key].min()}..{tokens[key].max()}).")
+    sides = [s for s in ("chosen", "rejected", "response") if (rows["side"] == s).any()]
     fig = make_subplots(rows=1, cols=len(sides), subplot_titles=sides, horizontal_spacing=0.04)
     bound = float(np.nanmax(np.abs(rows[value].to_numpy()))) or 1.0
     cut = False
@@ -100,7 +103,8 @@ def token_reward_text(
             z[i, j] = r[value]
             text[i, j] = shown
             extra = "".join(
-                f"<br>{c} = {r[c]:.4f}" for c in ("logp", "ref_logp", "cum_reward") if c in r and pd.notna(r[c])
+                f"<br>{c} = {r[c]:.4f}" for c in ("logp", "ref_logp", "prefix_score", "cum_reward", "attribution")
+                if c != value and c in r and pd.notna(r[c])
             )
             hover[i, j] = f"#{int(r['position'])} {shown}<br>{value} = {r[value]:.4f}{extra}"
         fig.add_trace(
@@ -116,7 +120,7 @@ def token_reward_text(
     total = rows.groupby("side", observed=True)[value].sum()
     summary = ", ".join(f"{s}: {total.get(s, float('nan')):+.3f}" for s in sides)
     fig.update_layout(
-        title=(title or f"Token rewards, pair {pair} ({summary})") + (f" - first {max_tokens} tokens" if cut else ""),
+        title=(title or f"Token {value}s, {key} {pair} ({summary})") + (f" - first {max_tokens} tokens" if cut else ""),
         height=170 + 42 * max(2, int(np.ceil(min(rows.groupby("side", observed=True).size().max(), max_tokens) / width))),
         margin=dict(t=90, b=20, l=20, r=20),
         plot_bgcolor="white",

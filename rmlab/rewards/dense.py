@@ -146,25 +146,23 @@ def dense_rewards(
 
 def _token_frame(inputs: RewardInputs, runs: list[np.ndarray], method: str) -> pd.DataFrame:
     key = "pair" if inputs.kind == "pairs" else "row"
-    parts = []
-    for i, (seq, scores) in enumerate(zip(inputs.sequences, runs)):
-        row, side = inputs.index(i)
-        ids = np.asarray(seq.response_ids, dtype=np.int64)
-        parts.append(
-            pd.DataFrame(
-                {
-                    key: row,
-                    "side": side,
-                    "position": np.arange(len(ids)),
-                    "token_id": ids,
-                    "prefix_score": scores[1:],
-                    "reward": np.diff(scores),
-                    "cum_reward": scores[1:] - scores[0],
-                }
-            )
-        )
-    frame = pd.concat(parts, ignore_index=True)
+    counts = np.array([seq.n_response for seq in inputs.sequences])
+    width = len(inputs.sides)
+    seq_index = np.repeat(np.arange(len(counts)), counts)
+    scores = [r[1:] for r in runs]
+    frame = pd.DataFrame(
+        {
+            key: seq_index // width,
+            "side": pd.Categorical.from_codes(seq_index % width, categories=list(inputs.sides)),
+            "position": np.concatenate([np.arange(n) for n in counts]) if len(counts) else [],
+            "token_id": np.fromiter(
+                (t for seq in inputs.sequences for t in seq.response_ids), dtype=np.int64, count=int(counts.sum())
+            ),
+            "prefix_score": np.concatenate(scores),
+            "reward": np.concatenate([np.diff(r) for r in runs]),
+            "cum_reward": np.concatenate([r[1:] - r[0] for r in runs]),
+        }
+    )
     frame.insert(4, "token", decode_tokens(inputs.tokenizer, frame["token_id"].to_numpy()))
-    frame["side"] = pd.Categorical(frame["side"], categories=list(inputs.sides))
     frame.attrs.update(method=method, kind=inputs.kind, format=inputs.frame.attrs.get("format"))
     return frame

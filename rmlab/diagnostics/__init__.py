@@ -1,0 +1,21 @@
+"""Diagnostics built on rmlab's per-pair frames: reward-model quality and preference-data quality.
+
+- :func:`reward_model_report`: accuracy, calibration (ECE, reliability bins), length bias and agreement
+  with a DPO implicit reward, from a :func:`rmlab.reward_scores` frame (Guo et al. 2017; Singhal et
+  al. 2023).
+- :func:`preference_strength`: mean and spread of an ensemble's margins per pair, flagging likely
+  mislabelled and ambiguous pairs (Wang et al. 2024, "Secrets of RLHF Part II").
+- :func:`ranking_accuracy` / :func:`ranking_summary`: ranking accuracy of a policy and its reference
+  against the idealised ranking accuracy (Chen et al. 2024).
+"""
+
+from rmlab.diagnostics.data import preference_strength, ranking_accuracy, ranking_summary
+from rmlab.diagnostics.reward_model import RewardModelReport, reward_model_report
+
+__all__ = [
+    "RewardModelReport",
+    "preference_strength",
+    "ranking_accuracy",
+    "ranking_summary",
+    "reward_model_report",
+]
