@@ -26,6 +26,7 @@ from rmlab.diagnostics import (
 )
 from rmlab.io.pairs import load_pairs
 from rmlab.rewards.implicit import dpo_metrics, implicit_rewards, step_rewards, token_rewards
+from rmlab.rewards.attribution import attribute_reward
 from rmlab.rewards.dense import dense_rewards
 from rmlab.rewards.scores import reward_scores
 
@@ -40,6 +41,7 @@ __all__ = [
     "RewardModelReport",
     "RmlabError",
     "TokenizerError",
+    "attribute_reward",
     "dense_rewards",
     "dpo_metrics",
     "implicit_rewards",

@@ -69,7 +69,7 @@ class RewardInputs:
 
 
 @contextlib.contextmanager
-def _pad_token(model, pad_id: int):
+def pad_token(model, pad_id: int):
     """Give the model a ``pad_token_id`` for the duration of a call if its config has none."""
     had = getattr(model.config, "pad_token_id", None)
     if had is None:
@@ -158,10 +158,11 @@ def prepare_reward_inputs(
     )
 
 
-def _autocast(model, dtype):
+def autocast(device: torch.device, dtype):
+    """``torch.autocast`` to ``dtype`` on ``device``, or nothing when ``dtype`` is None."""
     if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=model_device(model).type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def score_sequences(
@@ -184,7 +185,7 @@ def score_sequences(
     budget = batch_tokens or default_batch_tokens(device)
     batches = length_batches([len(s) for s in sequences], budget)
     out = np.empty(len(sequences), dtype=np.float64)
-    with _pad_token(model, pad_id) as pad, torch.inference_mode(), _autocast(model, autocast_dtype):
+    with pad_token(model, pad_id) as pad, torch.inference_mode(), autocast(device, autocast_dtype):
         for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
             ids, mask = pad_right([sequences[i] for i in batch], pad)
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
@@ -255,7 +256,7 @@ def one_pass_problem(model, pad_id: int, label: int = 0) -> str | None:
         probe[probe == pad_id] = (pad_id + 1) % vocab
         device = model_device(model)
         probe = probe.to(device)
-        with _pad_token(model, pad_id), torch.inference_mode():
+        with pad_token(model, pad_id), torch.inference_mode():
             try:
                 every = _all_positions(model, probe, torch.ones_like(probe), label)[0]
             except ModelError as err:
@@ -296,7 +297,7 @@ def position_scores(
     budget = batch_tokens or default_batch_tokens(device)
     batches = length_batches([len(s) for s in sequences], budget)
     out: list[np.ndarray] = [np.empty(0)] * len(sequences)
-    with _pad_token(model, pad_id) as pad, torch.inference_mode(), _autocast(model, autocast_dtype):
+    with pad_token(model, pad_id) as pad, torch.inference_mode(), autocast(device, autocast_dtype):
         for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
             ids, mask = pad_right([sequences[i] for i in batch], pad)
             ids, mask = ids.to(device), mask.to(device)

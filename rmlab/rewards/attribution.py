@@ -1,0 +1,620 @@
+"""Which input tokens a reward comes from: captum attributions of a reward to every input token.
+
+Two kinds of reward are explained the same way, with the same output columns:
+
+- an explicit reward model (a sequence classifier; Ouyang et al. 2022): the reward of a sequence is
+  the model's score of prompt+response, pooled exactly as :func:`rmlab.reward_scores` pools it;
+- a DPO policy with its reference model (Rafailov et al. 2023, "Direct Preference Optimization:
+  Your Language Model is Secretly a Reward Model"): the implicit reward
+  ``beta * sum_t [log pi(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t)]`` over the response tokens,
+  tokenised exactly as :func:`rmlab.implicit_rewards`.
+
+Three attribution methods from captum (Kokhlikyan et al. 2020):
+
+- ``"integrated_gradients"``: integrated gradients (Sundararajan et al. 2017, "Axiomatic Attribution
+  for Deep Networks") on the output of the input-embedding layer (captum's
+  ``LayerIntegratedGradients``), summed over the embedding dimension; the attributions of a sequence
+  sum to ``f(input) - f(baseline)`` up to the reported convergence ``delta``;
+- ``"feature_ablation"``: occlusion of one token at a time (Zeiler & Fergus 2014; captum's
+  ``FeatureAblation``): ``f(input) - f(input with token t replaced by the baseline token)``;
+- ``"shapley"``: Shapley values estimated from sampled permutations of the tokens (Castro et al.
+  2009, "Polynomial calculation of the Shapley value based on sampling"; Strumbelj & Kononenko
+  2010; captum's ``ShapleyValueSampling``); each permutation telescopes, so the attributions sum
+  exactly to ``f(input) - f(baseline)``.
+
+How a token is "removed": its *embedding* is replaced by the embedding of a baseline token (by
+default the padding token, as in captum's BERT tutorials), while the sequence keeps its ids for
+everything else the model derives from them (length, attention mask, the position a causal reward
+model pools at, the response tokens whose log-probs are scored). So the three methods explain one
+and the same function of the token embeddings, and the path integrated gradients follows ends
+exactly at the input ablation and Shapley sampling start from. Special tokens the tokenizer or the
+chat template adds (BOS/CLS, EOS/SEP, ``<|im_start|>``...) keep their id in the baseline by default
+(the standard practice for BERT-style baselines: ``[CLS] [PAD] ... [PAD] [SEP]``), so their
+attribution is 0 and their effect is part of the baseline value.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from rmlab.engine.batching import default_batch_tokens
+from rmlab.engine.logprobs import logprobs_with_grad
+from rmlab.engine.pairs import check_beta
+from rmlab.engine.reward_model import autocast, pad_token, prepare_reward_inputs
+from rmlab.errors import ArgumentError, ModelError, TokenizerError, check_choice, closest
+from rmlab.io.models import (
+    check_context,
+    check_same_tokenizer,
+    check_vocab_covers,
+    is_causal_lm,
+    is_reward_model,
+    load_causal_lm,
+    load_tokenizer,
+    model_device,
+    resolve_dtype,
+)
+from rmlab.io.pairs import load_pairs
+from rmlab.io.responses import load_scoring_data
+from rmlab.io.tokenize import EncodedSequence, decode_tokens, encode_pairs
+
+#: Attribution methods, by name.
+METHODS = ("integrated_gradients", "feature_ablation", "shapley")
+#: What is explained: each sequence's reward, or the pair's margin.
+TARGETS = ("score", "margin")
+
+_EXTRA_KWARGS = ("chat_template_kwargs", "trust_remote_code")
+
+
+def list_methods() -> list[str]:
+    """Names :func:`attribute_reward` accepts for ``method``."""
+    return list(METHODS)
+
+
+# --------------------------------------------------------------------------------------------------
+# the function being explained
+# --------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _embedding_input(layer: torch.nn.Module, ids: torch.Tensor, calls: list):
+    """While active, ``layer`` (an input-embedding module) embeds ``ids`` instead of what it is given.
+
+    The model still runs on its own input ids (attention mask, pooling position, labels all come
+    from them); only the token embeddings change. A call whose input has another shape than ``ids``
+    (e.g. a one-sequence check inside the engine) is left alone; ``calls`` counts substitutions so
+    the caller can verify the layer was really used.
+    """
+
+    def swap(_module, args, kwargs):
+        if args and torch.is_tensor(args[0]) and args[0].shape == ids.shape:
+            calls.append(1)
+            return (ids.to(args[0].device),) + tuple(args[1:]), kwargs
+        for key in ("input", "input_ids"):
+            value = kwargs.get(key)
+            if torch.is_tensor(value) and value.shape == ids.shape:
+                calls.append(1)
+                return args, {**kwargs, key: ids.to(value.device)}
+        return None
+
+    handle = layer.register_forward_pre_hook(swap, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _check_used(calls: list, layers: Sequence[torch.nn.Module]) -> None:
+    if not calls:
+        names = ", ".join(type(layer).__name__ for layer in layers)
+        raise ModelError(
+            f"The model's input-embedding layer ({names}, from get_input_embeddings()) was not called "
+            "on the input ids, so token embeddings cannot be swapped or interpolated. attribute_reward "
+            "needs a model that embeds input_ids through get_input_embeddings()."
+        )
+
+
+@dataclass
+class _Problem:
+    """Everything :func:`attribute_reward` needs, validated and tokenised; no model has run yet."""
+
+    kind: str  # "pairs" or "responses"
+    sequences: list[EncodedSequence]
+    tokenizer: object
+    pad_id: int
+    layers: list[torch.nn.Module]  # input-embedding layers (policy and reference for DPO)
+    models: list[torch.nn.Module]
+    device: torch.device
+    budget: int
+    forward_for: Callable[[EncodedSequence], Callable[[torch.Tensor], torch.Tensor]]
+    context: Callable[[], contextlib.AbstractContextManager]
+    defined: Callable[[EncodedSequence], bool]
+    vocab: int
+    label: int | None
+    model_kind: str
+
+
+def _reward_model_problem(model, data, *, tokenizer, label, options, batch_tokens, device, dtype, extra):
+    inputs = prepare_reward_inputs(
+        model, data, tokenizer=tokenizer, label=label, batch_tokens=batch_tokens, device=device,
+        dtype=dtype, **options, **extra,
+    )
+    rm = inputs.model
+    layer = rm.get_input_embeddings()
+    dev = model_device(rm)
+
+    def forward_for(seq: EncodedSequence):
+        ids = torch.tensor([list(seq.ids)], dtype=torch.long, device=dev)
+
+        def forward(embed_ids: torch.Tensor) -> torch.Tensor:
+            n = embed_ids.shape[0]
+            batch = ids.repeat(n, 1)
+            calls: list = []
+            with _embedding_input(layer, embed_ids, calls), autocast(dev, inputs.autocast_dtype):
+                logits = rm(input_ids=batch, attention_mask=torch.ones_like(batch)).logits
+            _check_used(calls, [layer])
+            return logits[:, inputs.label].float()
+
+        return forward
+
+    return _Problem(
+        kind=inputs.kind,
+        sequences=inputs.sequences,
+        tokenizer=inputs.tokenizer,
+        pad_id=inputs.pad_id,
+        layers=[layer],
+        models=[rm],
+        device=dev,
+        budget=inputs.batch_tokens or default_batch_tokens(dev),
+        forward_for=forward_for,
+        context=lambda: pad_token(rm, inputs.pad_id),
+        defined=lambda seq: True,
+        vocab=int(layer.weight.shape[0]),
+        label=inputs.label,
+        model_kind="reward_model",
+    )
+
+
+def _dpo_problem(policy, reference, pairs: pd.DataFrame, *, tokenizer, beta, reference_free, options, batch_tokens,
+                 device, dtype, extra):
+    """Load and tokenise as :func:`rmlab.engine.pairs.pair_logprobs` does, without running anything."""
+    trust = bool(extra.get("trust_remote_code", False))
+    policy_model = load_causal_lm(policy, role="policy", device=device, dtype=dtype, trust_remote_code=trust)
+    tok = load_tokenizer(tokenizer, policy, role="policy", trust_remote_code=trust)
+    check_vocab_covers(policy_model, tok, role="policy")
+    ref_model = None
+    if reference is not None:
+        ref_model = load_causal_lm(reference, role="reference", device=device, dtype=dtype, trust_remote_code=trust)
+        if isinstance(reference, (str, os.PathLike)):
+            try:
+                ref_tok = load_tokenizer(None, reference, role="reference")
+            except TokenizerError:  # no tokenizer saved beside the reference: the policy's is used
+                ref_tok = None
+            if ref_tok is not None:
+                check_same_tokenizer(tok, ref_tok)
+        check_vocab_covers(ref_model, tok, role="reference")
+    add_eos = options["add_eos"]
+    encoded = encode_pairs(
+        pairs, tok, max_length=options["max_length"], truncation_mode=options["truncation_mode"],
+        add_eos=True if add_eos is None else add_eos,  # implicit_rewards' default (TRL's DPOTrainer)
+        chat_template_kwargs=extra.get("chat_template_kwargs"),
+    )
+    lengths = [(f"Row {i}, {side}", len(getattr(p, side).ids)) for i, p in enumerate(encoded) for side in ("chosen", "rejected")]
+    check_context(lengths, policy_model, "policy", options["max_length"])
+    if ref_model is not None:
+        check_context(lengths, ref_model, "reference", options["max_length"])
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+
+    models = [policy_model] + ([ref_model] if ref_model is not None else [])
+    layers: list[torch.nn.Module] = []
+    for m in models:
+        layer = m.get_input_embeddings()
+        if all(layer is not other for other in layers):  # one module used twice is hooked once
+            layers.append(layer)
+    dev = model_device(policy_model)
+
+    def autocast_for(m):
+        d = model_device(m)
+        wanted = resolve_dtype(dtype, d)
+        return wanted if d.type == "cuda" and wanted != next(m.parameters()).dtype else None
+
+    casts = [autocast_for(m) for m in models]
+
+    def forward_for(seq: EncodedSequence):
+        def forward(embed_ids: torch.Tensor) -> torch.Tensor:
+            n = embed_ids.shape[0]
+            batch = [seq] * n
+            calls: list = []
+            sums = []
+            with contextlib.ExitStack() as stack:
+                for layer in layers:
+                    stack.enter_context(_embedding_input(layer, embed_ids, calls))
+                for m, cast in zip(models, casts):
+                    with autocast(model_device(m), cast):
+                        logps = logprobs_with_grad(m, batch, pad_id=pad_id)
+                    sums.append(torch.stack(logps).float().sum(dim=1).to(dev))
+            _check_used(calls, layers)
+            value = sums[0] - sums[1] if len(sums) == 2 else sums[0]
+            return beta * value
+
+        return forward
+
+    return _Problem(
+        kind="pairs",
+        sequences=[s for p in encoded for s in (p.chosen, p.rejected)],
+        tokenizer=tok,
+        pad_id=int(pad_id),
+        layers=layers,
+        models=models,
+        device=dev,
+        budget=batch_tokens or default_batch_tokens(dev),
+        forward_for=forward_for,
+        context=contextlib.nullcontext,
+        defined=lambda seq: seq.n_response > 0,  # implicit_rewards: NaN for a response cut to nothing
+        vocab=min(int(layer.weight.shape[0]) for layer in layers),
+        label=None,
+        model_kind="dpo_reference_free" if reference_free else "dpo",
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# checks
+# --------------------------------------------------------------------------------------------------
+def _declared_kind(model, trust_remote_code: bool) -> str | None:
+    """``"reward_model"`` / ``"causal_lm"`` for a model object, or from a path's config; else None."""
+    if is_reward_model(model):
+        return "reward_model"
+    if is_causal_lm(model):
+        return "causal_lm"
+    if isinstance(model, (str, os.PathLike)):
+        try:
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(str(model), trust_remote_code=trust_remote_code)
+        except Exception:  # noqa: BLE001 - the loader reports a path that does not load
+            return None
+        names = list(getattr(config, "architectures", None) or [])
+        if any(n.endswith("ForSequenceClassification") for n in names):
+            return "reward_model"
+        if any(n.endswith(("ForCausalLM", "LMHeadModel")) for n in names):
+            return "causal_lm"
+    return None
+
+
+def _check_positive_int(name: str, value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ArgumentError(f"{name}={value!r} must be an integer >= 1 ({what}).")
+    return int(value)
+
+
+def _check_baseline(baseline):
+    if baseline is None:
+        return None
+    if isinstance(baseline, bool) or not isinstance(baseline, (int, np.integer, str)):
+        raise ArgumentError(
+            f"baseline={baseline!r} must be a token id (int), a token string, or None (the padding token)."
+        )
+    if isinstance(baseline, (int, np.integer)) and baseline < 0:
+        raise ArgumentError(f"baseline={baseline!r} must be a token id >= 0.")
+    return baseline
+
+
+def _baseline_id(baseline, problem: _Problem) -> int:
+    tok = problem.tokenizer
+    if baseline is None:
+        return problem.pad_id
+    if isinstance(baseline, str):
+        unk = getattr(tok, "unk_token_id", None)
+        token_id = tok.convert_tokens_to_ids(baseline)
+        if token_id is None or (token_id == unk and baseline != getattr(tok, "unk_token", None)):
+            raise ArgumentError(
+                f"baseline={baseline!r} is not a token of the tokenizer; pass a token id or one of its "
+                f"tokens, e.g. {tok.pad_token or tok.eos_token!r}."
+            )
+        return int(token_id)
+    if int(baseline) >= problem.vocab:
+        raise ArgumentError(
+            f"baseline={int(baseline)} is not a token id of the model (its embedding has {problem.vocab} rows)."
+        )
+    return int(baseline)
+
+
+def _special_ids(tokenizer) -> set[int]:
+    """Ids of every special token: BOS/CLS, EOS/SEP, PAD, UNK, and added special tokens (chat markers)."""
+    ids = {int(i) for i in getattr(tokenizer, "all_special_ids", []) or []}
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    ids.update(int(k) for k, v in decoder.items() if getattr(v, "special", False))
+    return ids
+
+
+# --------------------------------------------------------------------------------------------------
+# the public function
+# --------------------------------------------------------------------------------------------------
+def attribute_reward(
+    model,
+    data,
+    *,
+    reference=None,
+    tokenizer=None,
+    target: str = "score",
+    method: str = "integrated_gradients",
+    beta: float = 0.1,
+    reference_free: bool = False,
+    label=None,
+    n_steps: int = 50,
+    n_samples: int = 25,
+    baseline=None,
+    keep_special: bool = True,
+    seed: int | None = 0,
+    max_length: int | None = None,
+    truncation_mode: str = "keep_start",
+    add_eos: bool | None = None,
+    batch_tokens: int | None = None,
+    device="auto",
+    dtype="auto",
+    progress: bool = True,
+    **kwargs,
+) -> pd.DataFrame:
+    """Attribute a reward to every input token with captum: integrated gradients, ablation or Shapley.
+
+    The reward explained is the score of an explicit reward model (Bradley-Terry reward models,
+    Ouyang et al. 2022), or, when ``reference=`` is given, the implicit DPO reward of a policy
+    ``beta * (log pi(y|x) - log pi_ref(y|x))`` summed over response tokens (Rafailov et al. 2023).
+    Methods (captum, Kokhlikyan et al. 2020): integrated gradients on the input-embedding layer
+    (Sundararajan et al. 2017), feature ablation (occlusion, Zeiler & Fergus 2014) and Shapley value
+    sampling (Castro et al. 2009), each token one feature.
+
+    A token is removed by giving it the *embedding* of a baseline token while the model keeps the
+    real ids for everything else (attention mask, the pooling position of a causal reward model, the
+    response tokens whose log-probs are scored). Integrated gradients interpolates the token
+    embeddings on the straight line from the baseline's to the input's; for a DPO policy the policy's
+    and the reference's embedding layers are interpolated together, with the same coefficient, by
+    captum's multi-layer ``LayerIntegratedGradients`` (both models see the same interpolated
+    sequence), and a token's attribution is the sum over both layers. The baseline sequence has the
+    padding token at every position except special tokens (BOS/CLS, EOS/SEP, chat-template markers),
+    which keep their id (``keep_special=True``), so those get attribution 0.
+
+    With ``target="margin"`` (pairs only) the explained quantity is ``r(chosen) - r(rejected)``:
+    chosen tokens carry the attributions of ``r(chosen)``, rejected tokens the negated attributions
+    of ``r(rejected)``, and all of a pair's attributions sum to ``margin - baseline margin`` (up to
+    the integrated-gradients ``delta``). The two sides are attributed separately, which for
+    integrated gradients and ablation is exactly the attribution of the margin (their inputs are
+    disjoint); for Shapley sampling it samples permutations of each side's tokens.
+
+    Args:
+        model: an explicit reward model (``AutoModelForSequenceClassification``) or, with
+            ``reference``, a DPO policy (``AutoModelForCausalLM``); an object or a hub name / path.
+        data: preference pairs (as :func:`rmlab.load_pairs` reads them) or, for a reward model, single
+            texts (as :func:`rmlab.reward_scores` reads them). Tokenised exactly as
+            :func:`rmlab.reward_scores` (reward model) or :func:`rmlab.implicit_rewards` (DPO).
+        reference: the DPO reference model; None for a reward model.
+        tokenizer: the model's tokenizer (loaded from the model's path if None).
+        target: ``"score"`` (each sequence's reward) or ``"margin"`` (pairs: chosen minus rejected).
+        method: ``"integrated_gradients"``, ``"feature_ablation"`` or ``"shapley"``
+            (:func:`list_methods`).
+        beta: DPO's KL coefficient (> 0); DPO only.
+        reference_free: explain ``beta * log pi(y|x)`` of a causal LM without a reference (as
+            :func:`rmlab.implicit_rewards`).
+        label: which output of a multi-output reward head is the reward (index or name).
+        n_steps: integration steps of integrated gradients (Gauss-Legendre, captum's default rule).
+        n_samples: permutations sampled per sequence by Shapley sampling.
+        baseline: the baseline token, an id or a token string; None = the padding token (the reward
+            model's ``pad_token_id``, else the tokenizer's pad, else EOS).
+        keep_special: keep special tokens in the baseline sequence (attribution 0); False replaces
+            every position.
+        seed: seed of the Shapley permutations (the global torch RNG is left untouched); None uses
+            the global RNG.
+        max_length, truncation_mode, add_eos: as in :func:`rmlab.reward_scores` /
+            :func:`rmlab.implicit_rewards` (``add_eos=None``: their respective defaults).
+        batch_tokens: token budget per forward pass (default 2048 on CPU, 32768 on CUDA); bounds
+            captum's ``internal_batch_size`` (integrated gradients) and ``perturbations_per_eval``.
+        device, dtype, progress: as in :func:`rmlab.implicit_rewards`; the progress bar counts
+            sequences.
+        **kwargs: ``chat_template_kwargs``, ``trust_remote_code``.
+
+    Returns:
+        One row per input token of every sequence (prompt and response): ``pair`` (or ``row`` for
+        single texts), ``side`` ("chosen"/"rejected"/"response"), ``position`` (index in the
+        prompt+response ids), ``token_id``, ``token`` (decoded), ``in_response``, ``attribution``,
+        then per sequence, repeated on its rows: ``target_value`` (the reward explained; for
+        ``target="margin"`` the signed contribution, ``-r(rejected)`` on the rejected side),
+        ``baseline_value`` (the same for the baseline sequence), ``delta`` (integrated gradients'
+        convergence delta, ``sum(attribution) - (target_value - baseline_value)``; NaN for the other
+        methods) and ``baseline_id`` (the token the baseline puts at that position). ``attrs`` holds
+        the settings (``method``, ``target``, ``n_steps``, ``n_samples``, ``beta``, ...). A DPO
+        response truncated to nothing has NaN values (as in :func:`rmlab.implicit_rewards`).
+
+    Raises:
+        ArgumentError: an unknown method or target, ``target="margin"`` on single texts, a reward
+            model given a ``reference``, a causal LM without one, ``n_steps``/``n_samples`` < 1,
+            ``beta`` <= 0, a bad baseline; all before any model runs.
+
+    Example:
+        >>> import rmlab
+        >>> from rmlab.toy import tiny_reward_model, tiny_tokenizer
+        >>> rm, tok = tiny_reward_model("gpt2"), tiny_tokenizer()
+        >>> frame = attribute_reward(rm, ["a great film"], tokenizer=tok, n_steps=8, progress=False)
+        >>> list(frame.columns[:4])
+        ['row', 'side', 'position', 'token_id']
+    """
+    # ---- every check on the arguments, before anything loads or runs
+    check_choice("method", method, METHODS)
+    check_choice("target", target, TARGETS)
+    unknown = [k for k in kwargs if k not in _EXTRA_KWARGS]
+    if unknown:
+        known = ["reference", "tokenizer", "target", "method", "beta", "reference_free", "label", "n_steps",
+                 "n_samples", "baseline", "keep_special", "seed", "max_length", "truncation_mode", "add_eos",
+                 "batch_tokens", "device", "dtype", "progress", *_EXTRA_KWARGS]
+        raise ArgumentError(
+            f"attribute_reward got an unexpected keyword argument {unknown[0]!r}."
+            + closest(unknown[0], known)
+        )
+    n_steps = _check_positive_int("n_steps", n_steps, "integration steps of integrated gradients")
+    n_samples = _check_positive_int("n_samples", n_samples, "permutations sampled by Shapley sampling")
+    if batch_tokens is not None:
+        _check_positive_int("batch_tokens", batch_tokens, "padded tokens per forward pass, or None")
+    baseline = _check_baseline(baseline)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+        raise ArgumentError(f"seed={seed!r} must be an integer or None.")
+    if reference is not None and reference_free:
+        raise ArgumentError(
+            "reference_free=True ignores the reference model; pass reference=None to make that explicit."
+        )
+    dpo = reference is not None or reference_free
+    if dpo:
+        beta = check_beta(beta)
+        if label is not None:
+            raise ArgumentError(
+                "label= picks an output of a reward model's head; a DPO policy's implicit reward has none."
+            )
+        pairs = load_pairs(data)  # a DataError for data that are not pairs, before any model loads
+    elif target == "margin":
+        kind, _ = load_scoring_data(data)
+        if kind != "pairs":
+            raise ArgumentError(
+                "target='margin' explains r(chosen) - r(rejected) and needs preference pairs "
+                "(columns prompt, chosen, rejected); these data are single texts. Use target='score'."
+            )
+    kind_of_model = _declared_kind(model, bool(kwargs.get("trust_remote_code", False)))
+    if dpo and kind_of_model == "reward_model":
+        raise ArgumentError(
+            "model is a reward model (a sequence classifier): its score is explained directly. "
+            "Drop reference=/reference_free=, which are for a DPO policy (a causal LM)."
+        )
+    if not dpo and kind_of_model == "causal_lm":
+        raise ArgumentError(
+            "model is a causal language model: its reward is the implicit DPO reward "
+            "beta * log(pi/pi_ref), which needs the reference model. Pass reference=<the SFT model "
+            "the policy started from>, or reference_free=True to explain beta * log pi(y|x) alone; "
+            "or pass a reward model (a sequence classifier)."
+        )
+    options = dict(max_length=max_length, truncation_mode=truncation_mode, add_eos=add_eos)
+
+    # ---- load and tokenise (validated by the shared loaders)
+    if dpo:
+        problem = _dpo_problem(
+            model, reference, pairs, tokenizer=tokenizer, beta=beta, reference_free=reference_free,
+            options=options, batch_tokens=batch_tokens, device=device, dtype=dtype, extra=kwargs,
+        )
+    else:
+        problem = _reward_model_problem(
+            model, data, tokenizer=tokenizer, label=label, options=options, batch_tokens=batch_tokens,
+            device=device, dtype=dtype, extra=kwargs,
+        )
+    base_token = _baseline_id(baseline, problem)
+    special = _special_ids(problem.tokenizer) if keep_special else set()
+
+    # ---- attribute, one sequence at a time
+    parts = []
+    width = 2 if problem.kind == "pairs" else 1
+    sides = ("chosen", "rejected") if width == 2 else ("response",)
+    frozen = [(p, p.requires_grad) for m in problem.models for p in m.parameters()]
+    try:
+        for p, _ in frozen:  # gradients are taken w.r.t. embeddings only, never parameters
+            p.requires_grad_(False)
+        bar = tqdm(total=len(problem.sequences), desc=f"attribution ({method})", unit="seq", disable=not progress, leave=False)
+        with problem.context(), bar:
+            for k, seq in enumerate(problem.sequences):
+                ids = np.asarray(seq.ids, dtype=np.int64)
+                base_ids = np.array([t if t in special else base_token for t in ids.tolist()], dtype=np.int64)
+                if problem.defined(seq):
+                    attr, value, base_value, delta = _attribute_one(
+                        problem, seq, base_ids, method=method, n_steps=n_steps, n_samples=n_samples, seed=seed,
+                    )
+                else:
+                    attr = np.full(len(ids), np.nan)
+                    value = base_value = delta = float("nan")
+                side = sides[k % width]
+                sign = -1.0 if (target == "margin" and side == "rejected") else 1.0
+                parts.append(
+                    pd.DataFrame(
+                        {
+                            "pair" if width == 2 else "row": k // width,
+                            "side": side,
+                            "position": np.arange(len(ids)),
+                            "token_id": ids,
+                            "in_response": np.arange(len(ids)) >= seq.start,
+                            "attribution": sign * attr,
+                            "target_value": sign * value,
+                            "baseline_value": sign * base_value,
+                            "delta": sign * delta,
+                            "baseline_id": base_ids,
+                        }
+                    )
+                )
+                bar.update()
+    finally:
+        for p, flag in frozen:
+            p.requires_grad_(flag)
+    frame = pd.concat(parts, ignore_index=True)
+    frame.insert(4, "token", decode_tokens(problem.tokenizer, frame["token_id"].to_numpy()))
+    frame["side"] = pd.Categorical(frame["side"], categories=list(sides))
+    frame.attrs.update(
+        method=method,
+        target=target,
+        kind=problem.kind,
+        model_kind=problem.model_kind,
+        n_steps=n_steps if method == "integrated_gradients" else None,
+        n_samples=n_samples if method == "shapley" else None,
+        beta=beta if dpo else None,
+        label=problem.label,
+        baseline_token_id=base_token,
+        keep_special=bool(keep_special),
+        seed=seed if method == "shapley" else None,
+    )
+    return frame
+
+
+def _attribute_one(problem: _Problem, seq: EncodedSequence, base_ids: np.ndarray, *, method: str,
+                   n_steps: int, n_samples: int, seed) -> tuple[np.ndarray, float, float, float]:
+    """Per-token attributions, f(input), f(baseline) and the IG delta (NaN otherwise) of one sequence."""
+    from captum.attr import FeatureAblation, LayerIntegratedGradients, ShapleyValueSampling
+
+    forward = problem.forward_for(seq)
+    inputs = torch.tensor([list(seq.ids)], dtype=torch.long, device=problem.device)
+    baselines = torch.as_tensor(base_ids[None, :], dtype=torch.long, device=problem.device)
+    length = inputs.shape[1]
+    per_eval = max(1, problem.budget // max(length, 1))
+    with torch.no_grad():
+        value = float(forward(inputs)[0])
+        base_value = float(forward(baselines)[0])
+    delta = float("nan")
+    if method == "integrated_gradients":
+        layer = problem.layers if len(problem.layers) > 1 else problem.layers[0]
+        with warnings.catch_warnings():  # captum warns that several layers must not feed each other:
+            warnings.simplefilter("ignore", UserWarning)  # a policy's and a reference's embeddings don't
+            ig = LayerIntegratedGradients(forward, layer)
+        with torch.enable_grad():
+            attributions, deltas = ig.attribute(
+                inputs, baselines=baselines, n_steps=n_steps, internal_batch_size=max(per_eval, 1),
+                return_convergence_delta=True,
+            )
+        tensors = attributions if isinstance(attributions, list) else [attributions]
+        flat = []
+        for t in tensors:
+            flat.extend(t if isinstance(t, tuple) else (t,))
+        attr = sum(t.detach().double().sum(dim=-1)[0] for t in flat)
+        delta = float(deltas.reshape(-1)[0])
+    else:
+        mask = torch.arange(length, device=problem.device)[None, :]
+        per_eval = min(per_eval, length)
+        if method == "feature_ablation":
+            attr = FeatureAblation(forward).attribute(
+                inputs, baselines=baselines, feature_mask=mask, perturbations_per_eval=per_eval
+            )[0]
+        else:
+            rng = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
+            with rng:
+                if seed is not None:
+                    torch.manual_seed(int(seed))
+                attr = ShapleyValueSampling(forward).attribute(
+                    inputs, baselines=baselines, feature_mask=mask, n_samples=n_samples,
+                    perturbations_per_eval=per_eval,
+                )[0]
+    return attr.detach().double().cpu().numpy(), value, base_value, delta
