@@ -121,3 +121,24 @@ def test_single_texts_and_chat(tok):
 def test_bad_method_names_the_choices(tok):
     with pytest.raises(ArgumentError, match="Did you mean 'one_pass'"):
         rmlab.dense_rewards(tiny_reward_model("gpt2"), make_pairs(2), tokenizer=tok, method="onepass")
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt_neox"])
+def test_shared_prompt_equals_whole_sequences(arch, tok):
+    """The prompt run once and both responses continued from its KV cache give the same scores,
+    also when pairs of very different prompt lengths share a batch and when some pairs cannot
+    share (keep_end truncation cuts the two prompts differently)."""
+    rm = tiny_reward_model(arch, seed=10)
+    rows = make_pairs(12, seed=16)
+    rows[3]["prompt"] = "Review: " + " ".join(["the film was great"] * 12)
+    shared = rmlab.dense_rewards(rm, rows, tokenizer=tok, method="one_pass", batch_tokens=400, progress=False)
+    whole = rmlab.dense_rewards(rm, rows, tokenizer=tok, method="one_pass", share_prompt=False, progress=False)
+    assert shared.attrs["shared_prompt_pairs"] == 12 and whole.attrs["shared_prompt_pairs"] == 0
+    np.testing.assert_allclose(shared["prefix_score"], whole["prefix_score"], atol=1e-4)
+    np.testing.assert_allclose(shared["reward"], whole["reward"], atol=1e-4)
+    cut = rmlab.dense_rewards(rm, rows, tokenizer=tok, max_length=14, truncation_mode="keep_end", progress=False)
+    cut_prefix = rmlab.dense_rewards(
+        rm, rows, tokenizer=tok, max_length=14, truncation_mode="keep_end", method="prefix", progress=False
+    )
+    assert cut.attrs["shared_prompt_pairs"] < 12
+    np.testing.assert_allclose(cut["prefix_score"], cut_prefix["prefix_score"], atol=1e-4)

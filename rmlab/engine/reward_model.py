@@ -306,3 +306,118 @@ def position_scores(
             for row, i in enumerate(batch):
                 out[i] = scores[row, : len(sequences[i])]
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# one pass with a shared prompt: the prompt runs once, both responses continue from its KV cache
+# --------------------------------------------------------------------------------------------------
+_SHARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _pooled(ids: Sequence[int], scores: np.ndarray, pad_id: int) -> np.ndarray:
+    """Apply the model's pooling to per-position scores of one unpadded sequence (numpy)."""
+    ids = np.asarray(ids)
+    positions = np.where(ids != pad_id, np.arange(len(ids)), 0)
+    return scores[np.maximum.accumulate(positions)]
+
+
+def _shared_batch(model, prompts, continuations, pad_id: int, label: int) -> list[list[np.ndarray]]:
+    """Raw per-position scores (prompt + each continuation) for one batch of prompt groups."""
+    device = model_device(model)
+    width = len(continuations[0])
+    p_ids, p_mask = pad_right(prompts, pad_id)
+    p_ids, p_mask = p_ids.to(device), p_mask.to(device)
+    captured = {}
+
+    def hook(_module, _inputs, output):
+        captured["scores"] = output
+
+    handle = _score_head(model).register_forward_hook(hook)
+    try:
+        out = model(input_ids=p_ids, attention_mask=p_mask, use_cache=True)
+        prompt_scores = captured["scores"][..., label].float().cpu().numpy().astype(np.float64)
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(width)
+        flat = [c for group in continuations for c in group]
+        c_ids, c_mask = pad_right(flat, pad_id)
+        c_ids, c_mask = c_ids.to(device), c_mask.to(device)
+        lengths = torch.tensor([len(p) for p in prompts], device=device).repeat_interleave(width)
+        mask = torch.cat([p_mask.repeat_interleave(width, dim=0), c_mask], dim=1)
+        positions = lengths[:, None] + torch.arange(c_ids.shape[1], device=device)[None, :]
+        model(input_ids=c_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+        cont_scores = captured["scores"][..., label].float().cpu().numpy().astype(np.float64)
+    finally:
+        handle.remove()
+    result = []
+    for g, (prompt, group) in enumerate(zip(prompts, continuations)):
+        head = prompt_scores[g, : len(prompt)]
+        result.append(
+            [np.concatenate([head, cont_scores[g * width + k, : len(c)]]) for k, c in enumerate(group)]
+        )
+    return result
+
+
+def shared_prompt_problem(model, pad_id: int, label: int = 0) -> str | None:
+    """Why running a prompt once and continuing both responses from its KV cache is not exact for
+    ``model`` (None when it is). Checked once per model against :func:`position_scores`."""
+    key = (pad_id, label)
+    cached = _SHARED.get(model, {})
+    if key in cached:
+        return cached[key]
+    problem = one_pass_problem(model, pad_id, label)
+    if problem is None:
+        vocab = model.get_input_embeddings().weight.shape[0]
+        generator = torch.Generator().manual_seed(1)
+        tokens = [int(t) if int(t) != pad_id else (pad_id + 1) % vocab for t in torch.randint(0, vocab, (14,), generator=generator)]
+        prompts = [tokens[:5], tokens[5:7]]
+        groups = [[tokens[7:10], tokens[10:14]], [tokens[7:11], tokens[11:12]]]
+        try:
+            with pad_token(model, pad_id) as pad, torch.inference_mode():
+                shared = _shared_batch(model, prompts, groups, pad, label)
+        except Exception as err:  # an architecture whose cache cannot be reused this way
+            problem = f"reusing {type(model).__name__}'s KV cache failed ({type(err).__name__}: {err})"
+        else:
+            full = [p + c for p, group in zip(prompts, groups) for c in group]
+            alone = position_scores(model, full, pad_id=pad_id, label=label, progress=False)
+            got = [s for group in shared for s in group]
+            worst = max(float(np.abs(a - b).max()) for a, b in zip(alone, got))
+            scale = max(1.0, max(float(np.abs(a).max()) for a in alone))
+            if worst > 1e-4 * scale:
+                problem = f"continuing from {type(model).__name__}'s KV cache changes the scores (by up to {worst:.2g})"
+    cached[key] = problem
+    _SHARED[model] = cached
+    return problem
+
+
+def shared_prompt_scores(
+    model,
+    groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]],
+    *,
+    pad_id: int,
+    label: int = 0,
+    batch_tokens: int | None = None,
+    autocast_dtype=None,
+    progress: bool = True,
+    desc: str = "dense rewards",
+) -> list[list[np.ndarray]]:
+    """Per-position prefix scores of several responses that share a prompt, the prompt run once.
+
+    ``groups`` holds ``(prompt ids, [response ids, ...])`` with the same number of non-empty
+    responses in every group (2 for preference pairs). Returns, per group and response, the scores
+    of ``prompt + response`` at every position, as :func:`position_scores` would (the model's
+    pooling honoured); callers check :func:`shared_prompt_problem` first.
+    """
+    device = model_device(model)
+    budget = batch_tokens or default_batch_tokens(device)
+    width = len(groups[0][1]) if groups else 1
+    # padded tokens per group: the prompt once, then `width` continuations
+    lengths = [len(p) // width + max(len(c) for c in conts) for p, conts in groups]
+    batches = length_batches(lengths, budget, width=width)
+    out: list[list[np.ndarray]] = [[] for _ in groups]
+    with pad_token(model, pad_id) as pad, torch.inference_mode(), autocast(device, autocast_dtype):
+        for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+            raw = _shared_batch(model, [list(groups[i][0]) for i in batch], [[list(c) for c in groups[i][1]] for i in batch], pad, label)
+            for i, scores in zip(batch, raw):
+                prompt = list(groups[i][0])
+                out[i] = [_pooled(prompt + list(c), s, pad) for c, s in zip(groups[i][1], scores)]
+    return out

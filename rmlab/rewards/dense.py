@@ -29,6 +29,8 @@ from rmlab.engine.reward_model import (
     position_scores,
     prepare_reward_inputs,
     score_sequences,
+    shared_prompt_problem,
+    shared_prompt_scores,
 )
 from rmlab.errors import ModelError, check_choice
 from rmlab.io.tokenize import EncodedSequence, decode_tokens
@@ -74,13 +76,41 @@ def _prefix_scores(inputs: RewardInputs, progress: bool) -> list[np.ndarray]:
     return [scores[bounds[i] : bounds[i + 1]] for i in range(len(inputs.sequences))]
 
 
-def _one_pass_scores(inputs: RewardInputs, progress: bool) -> list[np.ndarray]:
-    every = position_scores(
-        inputs.model, [s.ids for s in inputs.sequences], pad_id=inputs.pad_id, label=inputs.label,
-        batch_tokens=inputs.batch_tokens, autocast_dtype=inputs.autocast_dtype, progress=progress,
+def _shareable(chosen: EncodedSequence, rejected: EncodedSequence) -> bool:
+    """Both responses continue one and the same prompt, and neither is empty."""
+    start = chosen.start
+    return (
+        rejected.start == start
+        and chosen.n_response > 0
+        and rejected.n_response > 0
+        and chosen.ids[:start] == rejected.ids[:start]
     )
+
+
+def _one_pass_scores(inputs: RewardInputs, progress: bool, share_prompt: bool) -> tuple[list[np.ndarray], int]:
+    """Prefix scores in one pass per batch, and how many pairs ran their prompt once."""
+    seqs = inputs.sequences
+    every: list[np.ndarray | None] = [None] * len(seqs)
+    options = dict(
+        pad_id=inputs.pad_id, label=inputs.label, batch_tokens=inputs.batch_tokens,
+        autocast_dtype=inputs.autocast_dtype, progress=progress,
+    )
+    shared = []
+    if share_prompt and inputs.kind == "pairs" and not shared_prompt_problem(inputs.model, inputs.pad_id, inputs.label):
+        shared = [i for i in range(0, len(seqs), 2) if _shareable(seqs[i], seqs[i + 1])]
+    if shared:
+        groups = [
+            (seqs[i].ids[: seqs[i].start], [seqs[i].ids[seqs[i].start :], seqs[i + 1].ids[seqs[i + 1].start :]])
+            for i in shared
+        ]
+        for i, (chosen, rejected) in zip(shared, shared_prompt_scores(inputs.model, groups, **options)):
+            every[i], every[i + 1] = chosen, rejected
+    rest = [i for i in range(len(seqs)) if every[i] is None]
+    if rest:
+        for i, scores in zip(rest, position_scores(inputs.model, [seqs[i].ids for i in rest], **options)):
+            every[i] = scores
     # position start-1 is the last prompt token: its score is s_prompt
-    return [scores[seq.start - 1 :] for scores, seq in zip(every, inputs.sequences)]
+    return [scores[seq.start - 1 :] for scores, seq in zip(every, seqs)], len(shared)
 
 
 def dense_rewards(
@@ -88,6 +118,7 @@ def dense_rewards(
     data,
     *,
     method: str = "auto",
+    share_prompt: bool = True,
     tokenizer=None,
     label=None,
     max_length: int | None = None,
@@ -112,6 +143,9 @@ def dense_rewards(
         method: ``"one_pass"`` (causal reward models: the score head at every hidden state, one
             forward pass), ``"prefix"`` (score every prefix alone; works for encoders too) or
             ``"auto"`` (one pass when the model supports it, checked once per model).
+        share_prompt: in one pass, run the prompt of a pair once and continue the chosen and the
+            rejected response from its KV cache (checked once per model against running each
+            sequence whole; models where reusing the cache is not exact run whole sequences).
         tokenizer, label, max_length, truncation_mode, add_eos, batch_tokens, device, dtype,
             progress, **kwargs: as in :func:`rmlab.reward_scores`.
 
@@ -120,7 +154,8 @@ def dense_rewards(
         ("chosen"/"rejected", or "response"), ``position`` (0-based within the response),
         ``token_id``, ``token`` (decoded text), ``prefix_score`` (``s_t``), ``reward`` (``r_t``) and
         ``cum_reward`` (``s_t - s_prompt``, so ``prefix_score - cum_reward`` is ``s_prompt``).
-        ``frame.attrs["method"]`` is the method used.
+        ``frame.attrs["method"]`` is the method used, ``frame.attrs["shared_prompt_pairs"]`` the
+        number of pairs whose prompt ran once.
 
     Raises:
         ModelError: ``method="one_pass"`` for a model where it does not hold (an encoder), a causal
@@ -140,8 +175,14 @@ def dense_rewards(
                 f"position, but {problem}. Use method='prefix' (or 'auto')."
             )
         method = "prefix" if problem else "one_pass"
-    runs = _one_pass_scores(inputs, progress) if method == "one_pass" else _prefix_scores(inputs, progress)
-    return _token_frame(inputs, runs, method)
+    shared = 0
+    if method == "one_pass":
+        runs, shared = _one_pass_scores(inputs, progress, share_prompt)
+    else:
+        runs = _prefix_scores(inputs, progress)
+    frame = _token_frame(inputs, runs, method)
+    frame.attrs["shared_prompt_pairs"] = shared
+    return frame
 
 
 def _token_frame(inputs: RewardInputs, runs: list[np.ndarray], method: str) -> pd.DataFrame:
