@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from rmlab.engine.pairs import check_beta, pair_logprobs
+from rmlab.engine.pairs import check_beta, prepare_pair_inputs
 from rmlab.engine.reward_model import prepare_reward_inputs
 from rmlab.errors import ArgumentError, DataError, closest
 from rmlab.io.pairs import load_pairs
@@ -52,7 +52,7 @@ def _keywords(*functions) -> frozenset[str]:
 
 #: What **score_kwargs / **kwargs may carry, read once from the functions they are passed to.
 _SCORE_KEYWORDS = _keywords(reward_scores, prepare_reward_inputs)
-_IMPLICIT_KEYWORDS = _keywords(implicit_rewards, pair_logprobs)
+_IMPLICIT_KEYWORDS = _keywords(implicit_rewards, prepare_pair_inputs)
 
 
 def _check_kwargs(given: dict, keywords: frozenset[str], fixed: set[str], where: str) -> None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import torch
 
 from rmlab.engine.logprobs import token_logprobs
 from rmlab.errors import ArgumentError, TokenizerError
@@ -24,7 +25,7 @@ from rmlab.io.models import (
     resolve_dtype,
 )
 from rmlab.io.pairs import load_pairs
-from rmlab.io.tokenize import EncodedPair, encode_pairs
+from rmlab.io.tokenize import EncodedPair, EncodedSequence, encode_pairs
 
 
 @dataclass
@@ -57,7 +58,35 @@ def check_beta(beta) -> float:
     return value
 
 
-def pair_logprobs(
+@dataclass
+class PairInputs:
+    """Validated models, tokenizer and pairs, tokenised as TRL's DPOTrainer; nothing has run yet.
+
+    ``sequences[2 * i]`` / ``sequences[2 * i + 1]`` are the chosen / rejected sequences of pair ``i``
+    (:class:`EncodedSequence`: ``ids`` and ``start``, the first response token).
+    """
+
+    pairs: pd.DataFrame
+    encoded: list[EncodedPair]
+    policy: torch.nn.Module
+    reference: torch.nn.Module | None
+    tokenizer: object
+    pad_id: int
+    batch_tokens: int | None
+    dtype: object
+
+    @property
+    def sequences(self) -> list[EncodedSequence]:
+        return [s for p in self.encoded for s in (p.chosen, p.rejected)]
+
+    def autocast_dtype(self, model) -> torch.dtype | None:
+        """The dtype to autocast ``model`` to (bf16 on CUDA when asked and the weights differ)."""
+        dev = model_device(model)
+        wanted = resolve_dtype(self.dtype, dev)
+        return wanted if dev.type == "cuda" and wanted != next(model.parameters()).dtype else None
+
+
+def prepare_pair_inputs(
     policy,
     reference,
     data,
@@ -71,12 +100,12 @@ def pair_logprobs(
     device="auto",
     dtype="auto",
     trust_remote_code: bool = False,
-    progress: bool = True,
-) -> PairLogprobs:
-    """Validate everything, tokenise as TRL's DPOTrainer, then score every response token.
+) -> PairInputs:
+    """Validate everything and tokenise as TRL's DPOTrainer; no model runs here.
 
-    ``reference=None`` runs the policy only. The chosen and rejected sequences of a pair share one
-    forward pass; batches are length-bucketed under ``batch_tokens`` padded tokens.
+    ``reference=None`` prepares the policy alone. Raises the specific errors of
+    :mod:`rmlab.errors` for bad data, models that are not causal LMs, tokenizers that disagree or do
+    not fit the model, and sequences longer than a model's context.
     """
     pairs = load_pairs(data)
     if batch_tokens is not None and (not isinstance(batch_tokens, int) or batch_tokens < 1):
@@ -116,27 +145,36 @@ def pair_logprobs(
     check_context(lengths, policy_model, "policy", max_length)
     if ref_model is not None:
         check_context(lengths, ref_model, "reference", max_length)
-
-    sequences = [s for p in encoded for s in (p.chosen, p.rejected)]
-    groups = [[2 * i, 2 * i + 1] for i in range(len(encoded))]
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    return PairInputs(
+        pairs=pairs, encoded=encoded, policy=policy_model, reference=ref_model, tokenizer=tok,
+        pad_id=pad_id, batch_tokens=batch_tokens, dtype=dtype,
+    )
 
-    def run(model, role):
-        dev = model_device(model)
-        wanted = resolve_dtype(dtype, dev)
-        params_dtype = next(model.parameters()).dtype
-        autocast = wanted if dev.type == "cuda" and wanted != params_dtype else None
-        return token_logprobs(
-            model,
-            sequences,
-            groups=groups,
-            batch_tokens=batch_tokens,
-            pad_id=pad_id,
-            autocast_dtype=autocast,
-            progress=progress,
-            desc=f"{role} log-probs",
-        )
 
-    policy_lp = run(policy_model, "policy")
-    ref_lp = run(ref_model, "reference") if ref_model is not None else None
-    return PairLogprobs(pairs=pairs, encoded=encoded, policy=policy_lp, reference=ref_lp, tokenizer=tok)
+def run_logprobs(inputs: PairInputs, model, role: str, *, progress: bool = True) -> list[np.ndarray]:
+    """Per-token log-probs of every response of ``inputs`` under ``model`` (chosen and rejected of a
+    pair in one forward pass; length-bucketed batches under ``batch_tokens``)."""
+    return token_logprobs(
+        model,
+        inputs.sequences,
+        groups=[[2 * i, 2 * i + 1] for i in range(len(inputs.encoded))],
+        batch_tokens=inputs.batch_tokens,
+        pad_id=inputs.pad_id,
+        autocast_dtype=inputs.autocast_dtype(model),
+        progress=progress,
+        desc=f"{role} log-probs",
+    )
+
+
+def pair_logprobs(policy, reference, data, *, progress: bool = True, **options) -> PairLogprobs:
+    """Validate everything, tokenise as TRL's DPOTrainer, then score every response token.
+
+    ``options`` are those of :func:`prepare_pair_inputs`. ``reference=None`` runs the policy only.
+    """
+    inputs = prepare_pair_inputs(policy, reference, data, **options)
+    policy_lp = run_logprobs(inputs, inputs.policy, "policy", progress=progress)
+    ref_lp = run_logprobs(inputs, inputs.reference, "reference", progress=progress) if inputs.reference is not None else None
+    return PairLogprobs(
+        pairs=inputs.pairs, encoded=inputs.encoded, policy=policy_lp, reference=ref_lp, tokenizer=inputs.tokenizer
+    )
