@@ -48,23 +48,13 @@ from tqdm.auto import tqdm
 
 from rmlab.engine.batching import default_batch_tokens
 from rmlab.engine.logprobs import logprobs_with_grad
-from rmlab.engine.pairs import check_beta
+from rmlab.engine.pairs import check_beta, prepare_pair_inputs
 from rmlab.engine.reward_model import autocast, pad_token, prepare_reward_inputs
-from rmlab.errors import ArgumentError, ModelError, TokenizerError, check_choice, closest
-from rmlab.io.models import (
-    check_context,
-    check_same_tokenizer,
-    check_vocab_covers,
-    is_causal_lm,
-    is_reward_model,
-    load_causal_lm,
-    load_tokenizer,
-    model_device,
-    resolve_dtype,
-)
+from rmlab.errors import ArgumentError, ModelError, check_choice, closest
+from rmlab.io.models import is_causal_lm, is_reward_model, model_device
 from rmlab.io.pairs import load_pairs
 from rmlab.io.responses import load_scoring_data
-from rmlab.io.tokenize import EncodedSequence, decode_tokens, encode_pairs
+from rmlab.io.tokenize import EncodedSequence, decode_tokens
 
 #: Attribution methods, by name.
 METHODS = ("integrated_gradients", "feature_ablation", "shapley")
@@ -183,33 +173,17 @@ def _reward_model_problem(model, data, *, tokenizer, label, options, batch_token
 
 def _dpo_problem(policy, reference, pairs: pd.DataFrame, *, tokenizer, beta, reference_free, options, batch_tokens,
                  device, dtype, extra):
-    """Load and tokenise as :func:`rmlab.engine.pairs.pair_logprobs` does, without running anything."""
-    trust = bool(extra.get("trust_remote_code", False))
-    policy_model = load_causal_lm(policy, role="policy", device=device, dtype=dtype, trust_remote_code=trust)
-    tok = load_tokenizer(tokenizer, policy, role="policy", trust_remote_code=trust)
-    check_vocab_covers(policy_model, tok, role="policy")
-    ref_model = None
-    if reference is not None:
-        ref_model = load_causal_lm(reference, role="reference", device=device, dtype=dtype, trust_remote_code=trust)
-        if isinstance(reference, (str, os.PathLike)):
-            try:
-                ref_tok = load_tokenizer(None, reference, role="reference")
-            except TokenizerError:  # no tokenizer saved beside the reference: the policy's is used
-                ref_tok = None
-            if ref_tok is not None:
-                check_same_tokenizer(tok, ref_tok)
-        check_vocab_covers(ref_model, tok, role="reference")
+    """Load and tokenise as :func:`rmlab.implicit_rewards` does, without running anything."""
     add_eos = options["add_eos"]
-    encoded = encode_pairs(
-        pairs, tok, max_length=options["max_length"], truncation_mode=options["truncation_mode"],
+    inputs = prepare_pair_inputs(
+        policy, reference, pairs, tokenizer=tokenizer, max_length=options["max_length"],
+        truncation_mode=options["truncation_mode"],
         add_eos=True if add_eos is None else add_eos,  # implicit_rewards' default (TRL's DPOTrainer)
-        chat_template_kwargs=extra.get("chat_template_kwargs"),
+        chat_template_kwargs=extra.get("chat_template_kwargs"), batch_tokens=batch_tokens, device=device,
+        dtype=dtype, trust_remote_code=bool(extra.get("trust_remote_code", False)),
     )
-    lengths = [(f"Row {i}, {side}", len(getattr(p, side).ids)) for i, p in enumerate(encoded) for side in ("chosen", "rejected")]
-    check_context(lengths, policy_model, "policy", options["max_length"])
-    if ref_model is not None:
-        check_context(lengths, ref_model, "reference", options["max_length"])
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    policy_model, ref_model, tok, pad_id = inputs.policy, inputs.reference, inputs.tokenizer, inputs.pad_id
+    encoded = inputs.encoded
 
     models = [policy_model] + ([ref_model] if ref_model is not None else [])
     layers: list[torch.nn.Module] = []
@@ -219,12 +193,7 @@ def _dpo_problem(policy, reference, pairs: pd.DataFrame, *, tokenizer, beta, ref
             layers.append(layer)
     dev = model_device(policy_model)
 
-    def autocast_for(m):
-        d = model_device(m)
-        wanted = resolve_dtype(dtype, d)
-        return wanted if d.type == "cuda" and wanted != next(m.parameters()).dtype else None
-
-    casts = [autocast_for(m) for m in models]
+    casts = [inputs.autocast_dtype(m) for m in models]
 
     def forward_for(seq: EncodedSequence):
         def forward(embed_ids: torch.Tensor) -> torch.Tensor:
