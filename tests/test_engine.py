@@ -11,7 +11,7 @@ import torch
 
 import rmlab
 from rmlab.engine.batching import length_batches, pad_right
-from rmlab.engine.logprobs import selective_log_softmax, token_logprobs
+from rmlab.engine.logprobs import _head_for, selective_log_softmax, token_logprobs
 from rmlab.io.pairs import load_pairs
 from rmlab.io.tokenize import encode_pairs
 from rmlab.toy import tiny_causal_lm, tiny_tokenizer
@@ -37,14 +37,38 @@ def test_batched_equals_unbatched_unpadded(arch, padding_side):
     lengths = {len(s.ids) for s in sequences}
     assert len(lengths) > 4, "the data must force padding"
     # a small budget gives several padded batches of mixed lengths
-    got = token_logprobs(
-        model, sequences, groups=[[2 * i, 2 * i + 1] for i in range(len(encoded))],
-        batch_tokens=120, pad_id=tok.pad_token_id, progress=False,
+    groups = [[2 * i, 2 * i + 1] for i in range(len(encoded))]
+    got = token_logprobs(model, sequences, groups=groups, batch_tokens=120, pad_id=tok.pad_token_id, progress=False)
+    whole = token_logprobs(
+        model, sequences, groups=groups, batch_tokens=120, pad_id=tok.pad_token_id, progress=False,
+        share_prompt=False,
     )
-    for seq, values in zip(sequences, got):
+    assert _head_for(model).shared is True, "the pairs' prompts should have run once"
+    for seq, values, unshared in zip(sequences, got, whole):
         expected = brute_force(model, seq)
         assert values.shape == expected.shape
         np.testing.assert_allclose(values, expected, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(unshared, expected, atol=1e-4, rtol=0)
+
+
+def test_prompt_sharing_that_disagrees_falls_back_to_whole_sequences(tok, pairs, monkeypatch):
+    """If resuming from the prompt's KV cache changed the numbers, the check catches it once and
+    every sequence runs whole (the result still equals the brute force)."""
+    import rmlab.engine.logprobs as engine
+
+    real = engine._shared_batch_logprobs
+
+    def broken(*args, **kwargs):
+        return [[v + 0.5 for v in group] for group in real(*args, **kwargs)]
+
+    monkeypatch.setattr(engine, "_shared_batch_logprobs", broken)
+    model = tiny_causal_lm("llama", seed=6)
+    encoded = encode_pairs(load_pairs(pairs[:6]), tok)
+    sequences = [s for p in encoded for s in (p.chosen, p.rejected)]
+    got = token_logprobs(model, sequences, groups=[[2 * i, 2 * i + 1] for i in range(6)], progress=False)
+    assert engine._head_for(model).shared is False
+    for seq, values in zip(sequences, got):
+        np.testing.assert_allclose(values, brute_force(model, seq), atol=1e-4)
 
 
 def test_batch_budget_does_not_change_results(policy, tok, pairs):
@@ -126,7 +150,7 @@ def test_deterministic(policy, reference, tok, pairs):
 
 def test_training_mode_with_dropout_keeps_the_fused_head(tok, pairs):
     """The fused-head check runs in eval mode: dropout in a training model is no disagreement."""
-    from rmlab.engine.logprobs import _head_for, logprobs_with_grad
+    from rmlab.engine.logprobs import logprobs_with_grad
 
     model = tiny_causal_lm("gpt2", seed=5, resid_pdrop=0.1)
     model.config.resid_pdrop = 0.1

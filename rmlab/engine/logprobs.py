@@ -59,6 +59,7 @@ class _LMHead:
         self.scale = 1.0 if scale is None else float(scale)
         self.fused = self.backbone is not None and self.head is not None
         self.verified = False
+        self.shared: bool | None = None  # prompt sharing checked (None: not yet)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.head(hidden)
@@ -181,6 +182,78 @@ def _verify(head: _LMHead, seq: Scored, pad_id: int, device) -> None:
     head.verified = True
 
 
+def _shares_prompt(seqs: Sequence[Scored]) -> bool:
+    """All sequences continue one prompt (same ``start``, same ids before it), each with >= 1 token."""
+    start = seqs[0].start
+    prompt = tuple(seqs[0].ids[:start])
+    return all(s.start == start and tuple(s.ids[:start]) == prompt and len(s.ids) > start for s in seqs)
+
+
+def _shared_batch_logprobs(
+    head: _LMHead, groups: Sequence[Sequence[Scored]], pad_id: int, device
+) -> list[list[torch.Tensor]]:
+    """Log-probs of groups of sequences that share a prompt: the prompt runs once through the
+    backbone, every continuation resumes from its KV cache (positions and mask continue it)."""
+    width = len(groups[0])
+    prompts = [list(g[0].ids[: g[0].start]) for g in groups]
+    p_ids, p_mask = pad_right(prompts, pad_id)
+    p_ids, p_mask = p_ids.to(device), p_mask.to(device)
+    out = head.backbone(input_ids=p_ids, attention_mask=p_mask, use_cache=True)
+    p_hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(width)
+    conts = [list(s.ids[s.start :]) for g in groups for s in g]
+    c_ids, c_mask = pad_right(conts, pad_id)
+    c_ids, c_mask = c_ids.to(device), c_mask.to(device)
+    lengths = torch.tensor([len(p) for p in prompts], device=device).repeat_interleave(width)
+    mask = torch.cat([p_mask.repeat_interleave(width, dim=0), c_mask], dim=1)
+    positions = lengths[:, None] + torch.arange(c_ids.shape[1], device=device)[None, :]
+    out = head.backbone(
+        input_ids=c_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+    )
+    c_hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    # the first response token is predicted by the prompt's last state, the others by the continuation's
+    rows, labels, counts = [], [], []
+    for k, cont in enumerate(conts):
+        g = k // width
+        rows.append(p_hidden[g, len(prompts[g]) - 1 : len(prompts[g])])
+        rows.append(c_hidden[k, : len(cont) - 1])
+        labels.extend(cont)
+        counts.append(len(cont))
+    flat = selective_log_softmax(
+        torch.cat(rows), torch.as_tensor(labels, dtype=torch.long, device=device), head.logits
+    )
+    per_seq = list(torch.split(flat, counts))
+    return [per_seq[i * width : (i + 1) * width] for i in range(len(groups))]
+
+
+def _verify_shared(head: _LMHead, group: Sequence[Scored], pad_id: int, device) -> None:
+    """Check once per model that resuming from the prompt's KV cache gives the unshared log-probs."""
+    if head.shared is not None:
+        return
+    head.shared = False
+    if not head.fused:
+        return
+    was_training = head.model.training
+    head.model.eval()
+    try:
+        shared = _shared_batch_logprobs(head, [group], pad_id, device)[0]
+        whole = _batch_logprobs(head, list(group), pad_id, device)
+    except Exception as err:  # an architecture whose cache cannot be resumed this way
+        warnings.warn(
+            f"{type(head.model).__name__}: running the shared prompt once failed ({type(err).__name__}: "
+            f"{err}); every sequence runs whole for this model.",
+            stacklevel=3,
+        )
+        return
+    finally:
+        head.model.train(was_training)
+    dtype = next(head.model.parameters()).dtype
+    tol = 1e-3 if dtype == torch.float32 else 0.1
+    err = max(float((a - b).abs().max()) for a, b in zip(shared, whole))
+    head.shared = err <= tol
+
+
 def token_logprobs(
     model,
     sequences: Sequence[Scored],
@@ -191,6 +264,7 @@ def token_logprobs(
     autocast_dtype: torch.dtype | None = None,
     progress: bool = True,
     desc: str = "log-probs",
+    share_prompt: bool = True,
 ) -> list[np.ndarray]:
     """Log-probs of every scored token of every sequence under a causal LM.
 
@@ -205,6 +279,9 @@ def token_logprobs(
         autocast_dtype: run the forward under ``torch.autocast`` in this dtype (bf16 on CUDA).
         progress: show a tqdm progress bar over batches.
         desc: label of the progress bar.
+        share_prompt: when the sequences of a group continue one prompt (a preference pair), run
+            the prompt once and resume every continuation from its KV cache. Checked once per model
+            against running the sequences whole; models where that differs run them whole.
 
     Returns:
         One float32 array per sequence, in input order, of length ``len(ids) - start``.
@@ -222,8 +299,30 @@ def token_logprobs(
     budget = batch_tokens or default_batch_tokens(device)
     lengths = [max(len(sequences[k].ids) for k in g) for g in groups]
     width = max(len(g) for g in groups) if groups else 1
-    batches = length_batches(lengths, budget, width=width)
     head = _head_for(model)
+    shareable = [
+        share_prompt and head.fused and len(g) == width > 1 and _shares_prompt([sequences[k] for k in g])
+        for g in groups
+    ]
+    if any(shareable):
+        first = next(g for g, ok in zip(groups, shareable) if ok)
+        with torch.inference_mode():
+            _verify(head, sequences[first[0]], pad_id, device)
+            _verify_shared(head, [sequences[k] for k in first], pad_id, device)
+        if not head.shared:
+            shareable = [False] * len(groups)
+    # padded tokens per group: a shared prompt counts once for the whole group
+    lengths = [
+        -(-sequences[g[0]].start // len(g)) + max(len(sequences[k].ids) - sequences[k].start for k in g)
+        if ok else n
+        for g, ok, n in zip(groups, shareable, lengths)
+    ]
+    batches = [
+        part
+        for batch in length_batches(lengths, budget, width=width)
+        for part in ([g for g in batch if shareable[g]], [g for g in batch if not shareable[g]])
+        if part
+    ]
     results: list[np.ndarray | None] = [None] * len(sequences)
     autocast = (
         torch.autocast(device.type, dtype=autocast_dtype)
@@ -236,9 +335,16 @@ def token_logprobs(
             for batch in batches:
                 members = [k for g in batch for k in groups[g]]
                 seqs = [sequences[k] for k in members]
-                _verify(head, min(seqs, key=lambda s: len(s.ids)), pad_id, device)
-                for k, values in zip(members, _batch_logprobs(head, seqs, pad_id, device)):
-                    results[k] = values.cpu().numpy()
+                if shareable[batch[0]]:
+                    grouped = _shared_batch_logprobs(
+                        head, [[sequences[k] for k in groups[g]] for g in batch], pad_id, device
+                    )
+                    values = [v for group in grouped for v in group]
+                else:
+                    _verify(head, min(seqs, key=lambda s: len(s.ids)), pad_id, device)
+                    values = _batch_logprobs(head, seqs, pad_id, device)
+                for k, v in zip(members, values):
+                    results[k] = v.cpu().numpy()
                 bar.update(len(members))
         finally:
             bar.close()
