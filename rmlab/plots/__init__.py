@@ -1,14 +1,24 @@
 """Pure functions from rmlab's tidy DataFrames to plotly figures (no torch here)."""
 
+from rmlab.plots.entanglement import (
+    ches_vs_change,
+    displacement_trajectories,
+    entanglement_scatter,
+    similarity_matrix,
+)
 from rmlab.plots.overoptimization import overoptimization_curve
 from rmlab.plots.reward_model import calibration_diagram, length_bias, preference_strength_map
 from rmlab.plots.rewards import reward_margins, token_reward_text
 
 __all__ = [
     "calibration_diagram",
+    "ches_vs_change",
+    "displacement_trajectories",
+    "entanglement_scatter",
     "length_bias",
     "overoptimization_curve",
     "preference_strength_map",
     "reward_margins",
+    "similarity_matrix",
     "token_reward_text",
 ]
