@@ -19,6 +19,9 @@ from rmlab.errors import (
 from rmlab import plots
 from rmlab.diagnostics import (
     RewardModelReport,
+    gradient_entanglement,
+    gradient_similarity,
+    token_entanglement,
     preference_strength,
     ranking_accuracy,
     ranking_summary,
@@ -44,6 +47,8 @@ __all__ = [
     "attribute_reward",
     "dense_rewards",
     "dpo_metrics",
+    "gradient_entanglement",
+    "gradient_similarity",
     "implicit_rewards",
     "load_pairs",
     "plots",
@@ -53,5 +58,6 @@ __all__ = [
     "reward_model_report",
     "reward_scores",
     "step_rewards",
+    "token_entanglement",
     "token_rewards",
 ]

@@ -7,15 +7,28 @@
   mislabelled and ambiguous pairs (Wang et al. 2024, "Secrets of RLHF Part II").
 - :func:`ranking_accuracy` / :func:`ranking_summary`: ranking accuracy of a policy and its reference
   against the idealised ranking accuracy (Chen et al. 2024).
+- :func:`gradient_entanglement`, :func:`token_entanglement`, :func:`gradient_similarity`: how a margin
+  loss's gradient on the rejected response drags the chosen one (Yuan et al. 2024, "A Common Pitfall
+  of Margin-based Language Model Alignment: Gradient Entanglement").
 """
 
 from rmlab.diagnostics.data import preference_strength, ranking_accuracy, ranking_summary
+from rmlab.diagnostics.entanglement import (
+    gradient_entanglement,
+    gradient_similarity,
+    similarity_matrix,
+    token_entanglement,
+)
 from rmlab.diagnostics.reward_model import RewardModelReport, reward_model_report
 
 __all__ = [
     "RewardModelReport",
+    "gradient_entanglement",
+    "gradient_similarity",
     "preference_strength",
     "ranking_accuracy",
     "ranking_summary",
     "reward_model_report",
+    "similarity_matrix",
+    "token_entanglement",
 ]

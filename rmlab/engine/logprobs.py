@@ -41,7 +41,7 @@ class _LMHead:
     """The backbone / unembedding split of a causal LM, with the head's logit transforms."""
 
     def __init__(self, model):
-        self.model = model
+        self._model = weakref.ref(model)  # the cache is keyed by the model: never keep it alive
         prefix = getattr(model, "base_model_prefix", "")
         backbone = getattr(model, prefix, None) if prefix else None
         self.backbone = backbone if isinstance(backbone, torch.nn.Module) and backbone is not model else None
@@ -60,6 +60,10 @@ class _LMHead:
         self.fused = self.backbone is not None and self.head is not None
         self.verified = False
         self.shared: bool | None = None  # prompt sharing checked (None: not yet)
+
+    @property
+    def model(self):
+        return self._model()
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.head(hidden)
