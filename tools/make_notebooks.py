@@ -244,10 +244,101 @@ def reward_model_notebook():
     return new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
 
 
+def entanglement_notebook():
+    cells = [
+        new_markdown_cell(
+            "# Gradient entanglement: why a DPO step can lower the chosen response\n\n"
+            "DPO (and every margin-based loss) only asks the *margin* $\\log\\pi(y_w) - \\log\\pi(y_l)$ to grow. "
+            "Yuan et al. (2024, *A Common Pitfall of Margin-based Language Model Alignment: Gradient Entanglement*) "
+            "show what one gradient step does to each side. With $g_w = \\nabla_\\theta \\log\\pi(y_w|x)$, "
+            "$g_l = \\nabla_\\theta \\log\\pi(y_l|x)$, learning rate $\\eta$ and loss weight "
+            "$c = \\beta\\,\\sigma(-\\text{margin})$, to first order\n\n"
+            "$$\\Delta\\log\\pi(y_w) = \\eta c\\,(\\lVert g_w\\rVert^2 - \\langle g_w, g_l\\rangle), \\qquad "
+            "\\Delta\\log\\pi(y_l) = \\eta c\\,(\\langle g_w, g_l\\rangle - \\lVert g_l\\rVert^2).$$\n\n"
+            "The margin always grows, but when the two responses' gradients are *entangled* "
+            "($\\langle g_w, g_l\\rangle > \\lVert g_w\\rVert^2$) the chosen log-prob **falls**. This notebook "
+            "computes these quantities per pair, checks the first-order prediction against a real step, and shows "
+            "which tokens and which pairs entangle."
+        ),
+        new_code_cell(
+            "import rmlab\n"
+            "from rmlab import plots\n"
+            "from rmlab.toy import load\n\n"
+            "world = load()\n"
+            "policy, reference, tokenizer = world.dpo[0.1], world.sft, world.tokenizer\n"
+            "pairs = world.heldout.head(100)\n"
+            "params, projection_dim = None, None  # all parameters, exact gradients (the toy model is tiny)"
+        ),
+        new_markdown_cell(
+            "**To use your own models**, replace the cell above, e.g.\n\n"
+            "```python\n"
+            "policy, reference = \"my-org/dpo-model\", \"my-org/sft-model\"\n"
+            "tokenizer, pairs = None, \"my_pairs.jsonl\"\n"
+            "params = \"last:2\"          # gradients of the last two transformer blocks only (or a regex, or LoRA adapters)\n"
+            "projection_dim = 4096       # random projection of each gradient (as TRAK / LESS do)\n"
+            "```"
+        ),
+        new_markdown_cell(
+            "## Per-pair statistics, predicted and realised\n"
+            "`realised=True` also takes the step on each pair (weights restored after each) and measures the true "
+            "change, so the first-order prediction can be checked."
+        ),
+        new_code_cell(
+            "frame = rmlab.gradient_entanglement(policy, pairs, reference=reference, tokenizer=tokenizer, beta=0.1,\n"
+            "                                    params=params, projection_dim=projection_dim, lr=1e-3, realised=True)\n"
+            "frame[['grad_sq_chosen', 'grad_sq_rejected', 'grad_inner', 'grad_cosine', 'pred_delta_chosen',\n"
+            "       'real_delta_chosen', 'chosen_falls']].head()"
+        ),
+        new_code_cell("plots.entanglement_scatter(frame)"),
+        new_code_cell(
+            "print('prediction vs realised step, Pearson r:',\n"
+            "      round(frame.pred_delta_chosen.corr(frame.real_delta_chosen), 4), '(chosen),',\n"
+            "      round(frame.pred_delta_rejected.corr(frame.real_delta_rejected), 4), '(rejected)')\n"
+            "flagged = frame[frame.chosen_falls]\n"
+            "print(f'{len(flagged)} pairs flagged chosen_falls; the chosen log-prob really fell on '\n"
+            "      f'{(flagged.real_delta_chosen < 0).mean():.0%} of them, and on '\n"
+            "      f'{(frame[~frame.chosen_falls].real_delta_chosen < 0).mean():.0%} of the others')"
+        ),
+        new_markdown_cell(
+            "**What to look for:** points above the dashed diagonal are pairs whose chosen response a DPO step on that "
+            "pair pushes down. Their gradient cosine is high: the two responses share most of their tokens and "
+            "structure, so raising one raises the other, and the loss can only win by lowering both."
+        ),
+        new_markdown_cell(
+            "## Which tokens entangle?\n"
+            "The inner product is a sum over tokens: for each chosen token, $\\langle \\nabla\\log\\pi(y_{w,t}), g_l\\rangle$ "
+            "(`inner_other`) says how much that token's gradient points along the rejected response's."
+        ),
+        new_code_cell(
+            "pair = int(flagged.pair.iloc[0]) if len(flagged) else 0\n"
+            "tokens = rmlab.token_entanglement(policy, pairs.iloc[[pair]], tokenizer=tokenizer, params=params)\n"
+            "plots.token_reward_text(tokens, pair=0, value='inner_other',\n"
+            "                        title=f'Pair {pair}: each token\\'s gradient against the other response\\'s')"
+        ),
+        new_markdown_cell(
+            "## Pairs drag each other\n"
+            "In a batch, the update of one pair also moves the others. Entry (a, b) of the gradient-similarity matrix is "
+            "the first-order change of pair b's chosen log-prob per unit learning rate when stepping on pair a. Red "
+            "cells are updates that push another pair's chosen response down."
+        ),
+        new_code_cell(
+            "similarity = rmlab.gradient_similarity(policy, pairs.head(30), reference=reference, tokenizer=tokenizer,\n"
+            "                                       beta=0.1, params=params, projection_dim=projection_dim)\n"
+            "plots.similarity_matrix(similarity)"
+        ),
+        new_code_cell(
+            "off = similarity[similarity.pair_a != similarity.pair_b]\n"
+            "print(f'{(off.inner < 0).mean():.0%} of cross-pair entries lower the other pair\\'s chosen log-prob')"
+        ),
+    ]
+    return new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+
+
 def main() -> None:
     ROOT.mkdir(exist_ok=True)
     nbformat.write(implicit_rewards_notebook(), ROOT / "01_implicit_rewards.ipynb")
     nbformat.write(reward_model_notebook(), ROOT / "02_reading_a_reward_model.ipynb")
+    nbformat.write(entanglement_notebook(), ROOT / "03_gradient_entanglement.ipynb")
 
 
 if __name__ == "__main__":

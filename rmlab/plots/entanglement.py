@@ -36,7 +36,9 @@ def entanglement_scatter(frame: pd.DataFrame, *, color: str | None = None, title
     marker: dict = dict(size=8, line=dict(width=0.5, color="black"))
     if color is not None:
         values = frame[color].to_numpy(float)
-        bound = float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 1.0
+        # the colour range covers 95% of the pairs, so one outlier does not wash the others out
+        bound = float(np.nanquantile(np.abs(values), 0.95)) if np.isfinite(values).any() else 1.0
+        bound = bound or 1.0
         marker.update(color=values, colorscale=REWARD_COLORSCALE, cmid=0, cmin=-bound, cmax=bound,
                       colorbar=dict(title=dict(text=color, side="right"), thickness=12))
     pairs = frame["pair"] if "pair" in frame.columns else pd.Series(np.arange(len(frame)))

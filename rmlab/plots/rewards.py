@@ -120,7 +120,7 @@ def token_reward_text(
     total = rows.groupby("side", observed=True)[value].sum()
     summary = ", ".join(f"{s}: {total.get(s, float('nan')):+.3f}" for s in sides)
     fig.update_layout(
-        title=(title or f"Token {value}s, {key} {pair} ({summary})") + (f" - first {max_tokens} tokens" if cut else ""),
+        title=(title or f"{value} per token, {key} {pair} ({summary})") + (f" - first {max_tokens} tokens" if cut else ""),
         height=170 + 42 * max(2, int(np.ceil(min(rows.groupby("side", observed=True).size().max(), max_tokens) / width))),
         margin=dict(t=90, b=20, l=20, r=20),
         plot_bgcolor="white",
