@@ -18,10 +18,13 @@ from rmlab.errors import (
 )
 from rmlab import plots
 from rmlab.diagnostics import (
+    DisplacementRun,
     RewardModelReport,
+    ches,
     gradient_entanglement,
     gradient_similarity,
     token_entanglement,
+    track_dpo,
     preference_strength,
     ranking_accuracy,
     ranking_summary,
@@ -40,11 +43,13 @@ __all__ = [
     "DataError",
     "DataFileError",
     "DataFileNotFoundError",
+    "DisplacementRun",
     "ModelError",
     "RewardModelReport",
     "RmlabError",
     "TokenizerError",
     "attribute_reward",
+    "ches",
     "dense_rewards",
     "dpo_metrics",
     "gradient_entanglement",
@@ -60,4 +65,5 @@ __all__ = [
     "step_rewards",
     "token_entanglement",
     "token_rewards",
+    "track_dpo",
 ]

@@ -11,7 +11,7 @@ import torch
 
 import rmlab
 from rmlab.engine.batching import length_batches, pad_right
-from rmlab.engine.logprobs import _head_for, selective_log_softmax, token_logprobs
+from rmlab.engine.logprobs import lm_head_for, selective_log_softmax, token_logprobs
 from rmlab.io.pairs import load_pairs
 from rmlab.io.tokenize import encode_pairs
 from rmlab.toy import tiny_causal_lm, tiny_tokenizer
@@ -43,7 +43,7 @@ def test_batched_equals_unbatched_unpadded(arch, padding_side):
         model, sequences, groups=groups, batch_tokens=120, pad_id=tok.pad_token_id, progress=False,
         share_prompt=False,
     )
-    assert _head_for(model).shared is True, "the pairs' prompts should have run once"
+    assert lm_head_for(model).shared is True, "the pairs' prompts should have run once"
     for seq, values, unshared in zip(sequences, got, whole):
         expected = brute_force(model, seq)
         assert values.shape == expected.shape
@@ -66,7 +66,7 @@ def test_prompt_sharing_that_disagrees_falls_back_to_whole_sequences(tok, pairs,
     encoded = encode_pairs(load_pairs(pairs[:6]), tok)
     sequences = [s for p in encoded for s in (p.chosen, p.rejected)]
     got = token_logprobs(model, sequences, groups=[[2 * i, 2 * i + 1] for i in range(6)], progress=False)
-    assert engine._head_for(model).shared is False
+    assert engine.lm_head_for(model).shared is False
     for seq, values in zip(sequences, got):
         np.testing.assert_allclose(values, brute_force(model, seq), atol=1e-4)
 
@@ -161,6 +161,6 @@ def test_training_mode_with_dropout_keeps_the_fused_head(tok, pairs):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         values = logprobs_with_grad(model, [encoded[0].chosen, encoded[1].rejected], pad_id=tok.pad_token_id)
-    assert _head_for(model).fused and model.training
+    assert lm_head_for(model).fused and model.training
     values[0].sum().backward()
     assert model.lm_head.weight.grad is not None

@@ -10,9 +10,13 @@
 - :func:`gradient_entanglement`, :func:`token_entanglement`, :func:`gradient_similarity`: how a margin
   loss's gradient on the rejected response drags the chosen one (Yuan et al. 2024, "A Common Pitfall
   of Margin-based Language Model Alignment: Gradient Entanglement").
+- :func:`ches`, :func:`track_dpo`: likelihood displacement, the CHES score of each pair and tracked
+  DPO runs recording where the chosen probability mass goes (Razin et al. 2024, "Unintentional
+  Unalignment").
 """
 
 from rmlab.diagnostics.data import preference_strength, ranking_accuracy, ranking_summary
+from rmlab.diagnostics.displacement import DisplacementRun, ches, ches_from_sums, track_dpo
 from rmlab.diagnostics.entanglement import (
     gradient_entanglement,
     gradient_similarity,
@@ -22,7 +26,10 @@ from rmlab.diagnostics.entanglement import (
 from rmlab.diagnostics.reward_model import RewardModelReport, reward_model_report
 
 __all__ = [
+    "DisplacementRun",
     "RewardModelReport",
+    "ches",
+    "ches_from_sums",
     "gradient_entanglement",
     "gradient_similarity",
     "preference_strength",
@@ -31,4 +38,5 @@ __all__ = [
     "reward_model_report",
     "similarity_matrix",
     "token_entanglement",
+    "track_dpo",
 ]

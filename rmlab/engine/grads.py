@@ -39,7 +39,7 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from rmlab.engine.batching import default_batch_tokens, length_batches, pad_right
-from rmlab.engine.logprobs import Scored, _head_for, logprobs_with_grad
+from rmlab.engine.logprobs import Scored, lm_head_for, logprobs_with_grad
 from rmlab.errors import ArgumentError, ModelError
 
 #: Bytes of per-example gradients (and their flattened copy) one batch may hold.
@@ -263,7 +263,7 @@ class _Scorer(torch.nn.Module):
         self.model = model
 
     def forward(self, ids, rows, labels, weight, mask):
-        head = _head_for(self.model)
+        head = lm_head_for(self.model)
         if head.fused:
             hidden = head.hidden_states(ids[None], mask)[0]
             logits = head.logits(hidden.index_select(0, rows))

@@ -37,7 +37,7 @@ class Scored:
     start: int
 
 
-class _LMHead:
+class LMHead:
     """The backbone / unembedding split of a causal LM, with the head's logit transforms."""
 
     def __init__(self, model):
@@ -81,11 +81,11 @@ class _LMHead:
 _HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _head_for(model) -> _LMHead:
-    """One :class:`_LMHead` per model, so the fused-head check runs once per model."""
+def lm_head_for(model) -> LMHead:
+    """One :class:`LMHead` per model, so the fused-head check runs once per model."""
     head = _HEADS.get(model)
     if head is None:
-        head = _HEADS[model] = _LMHead(model)
+        head = _HEADS[model] = LMHead(model)
     return head
 
 
@@ -149,7 +149,7 @@ def _reference_logprobs(model, seq: Scored) -> torch.Tensor:
     return picked[seq.start - 1 :]
 
 
-def _batch_logprobs(head: _LMHead, batch: Sequence[Scored], pad_id: int, device) -> list[torch.Tensor]:
+def _batch_logprobs(head: LMHead, batch: Sequence[Scored], pad_id: int, device) -> list[torch.Tensor]:
     ids, mask = pad_right([s.ids for s in batch], pad_id)
     ids, mask = ids.to(device), mask.to(device)
     rows, cols, labels, counts = _targets(batch, device)
@@ -162,7 +162,7 @@ def _batch_logprobs(head: _LMHead, batch: Sequence[Scored], pad_id: int, device)
     return list(torch.split(flat, counts))
 
 
-def _verify(head: _LMHead, seq: Scored, pad_id: int, device) -> None:
+def verify_head(head: LMHead, seq: Scored, pad_id: int, device) -> None:
     """Compare the fused head with the model's full forward once; fall back if they disagree."""
     if not head.fused or head.verified or len(seq.ids) - seq.start < 1:
         return
@@ -194,7 +194,7 @@ def _shares_prompt(seqs: Sequence[Scored]) -> bool:
 
 
 def _shared_batch_logprobs(
-    head: _LMHead, groups: Sequence[Sequence[Scored]], pad_id: int, device
+    head: LMHead, groups: Sequence[Sequence[Scored]], pad_id: int, device
 ) -> list[list[torch.Tensor]]:
     """Log-probs of groups of sequences that share a prompt: the prompt runs once through the
     backbone, every continuation resumes from its KV cache (positions and mask continue it)."""
@@ -231,7 +231,7 @@ def _shared_batch_logprobs(
     return [per_seq[i * width : (i + 1) * width] for i in range(len(groups))]
 
 
-def _verify_shared(head: _LMHead, group: Sequence[Scored], pad_id: int, device) -> None:
+def _verify_shared(head: LMHead, group: Sequence[Scored], pad_id: int, device) -> None:
     """Check once per model that resuming from the prompt's KV cache gives the unshared log-probs."""
     if head.shared is not None:
         return
@@ -303,7 +303,7 @@ def token_logprobs(
     budget = batch_tokens or default_batch_tokens(device)
     lengths = [max(len(sequences[k].ids) for k in g) for g in groups]
     width = max(len(g) for g in groups) if groups else 1
-    head = _head_for(model)
+    head = lm_head_for(model)
     shareable = [
         share_prompt and head.fused and len(g) == width > 1 and _shares_prompt([sequences[k] for k in g])
         for g in groups
@@ -311,7 +311,7 @@ def token_logprobs(
     if any(shareable):
         first = next(g for g, ok in zip(groups, shareable) if ok)
         with torch.inference_mode():
-            _verify(head, sequences[first[0]], pad_id, device)
+            verify_head(head, sequences[first[0]], pad_id, device)
             _verify_shared(head, [sequences[k] for k in first], pad_id, device)
         if not head.shared:
             shareable = [False] * len(groups)
@@ -345,7 +345,7 @@ def token_logprobs(
                     )
                     values = [v for group in grouped for v in group]
                 else:
-                    _verify(head, min(seqs, key=lambda s: len(s.ids)), pad_id, device)
+                    verify_head(head, min(seqs, key=lambda s: len(s.ids)), pad_id, device)
                     values = _batch_logprobs(head, seqs, pad_id, device)
                 for k, v in zip(members, values):
                     results[k] = v.cpu().numpy()
@@ -363,7 +363,7 @@ def logprobs_with_grad(model, sequences: Sequence[Scored], *, pad_id: int = 0) -
     Returns one 1-D tensor per sequence, on the model's device.
     """
     device = next(model.parameters()).device
-    head = _head_for(model)
+    head = lm_head_for(model)
     with torch.no_grad():
-        _verify(head, min(sequences, key=lambda s: len(s.ids)), pad_id, device)
+        verify_head(head, min(sequences, key=lambda s: len(s.ids)), pad_id, device)
     return _batch_logprobs(head, sequences, pad_id, device)

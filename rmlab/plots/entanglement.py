@@ -160,8 +160,9 @@ def ches_vs_change(ches: pd.DataFrame, trajectories: pd.DataFrame, *, score: str
         title: figure title.
 
     Razin et al. 2024: pairs whose chosen and rejected responses have similar hidden-state sums
-    (high CHES) are the ones whose chosen likelihood DPO displaces; the title gives the Spearman
-    rank correlation.
+    (high CHES) are the ones whose chosen likelihood a DPO update *on that pair* displaces; the
+    title gives the Spearman rank correlation (negative when high CHES goes with a fall). In a
+    joint run every pair also moves with the others' updates, which weakens the per-pair link.
     """
     _require(ches, ["pair", score], "rmlab.ches")
     _require(trajectories, ["step", "pair", "logps_chosen"], "rmlab.track_dpo")
@@ -180,7 +181,7 @@ def ches_vs_change(ches: pd.DataFrame, trajectories: pd.DataFrame, *, score: str
     )
     fig.add_hline(y=0, line_color="gray", line_dash="dash")
     fig.update_layout(
-        title=title or f"{score.upper().replace('_', '-')} predicts displacement (Spearman ρ = {rho:.2f})",
+        title=title or f"{score.upper().replace('_', '-')} against the realised change (Spearman ρ = {rho:.2f})",
         xaxis_title=score, yaxis_title="realised change of log π(y_w)",
     )
     return fig
