@@ -334,11 +334,20 @@ def entanglement_notebook():
     return new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
 
 
+def _write(notebook, name: str) -> None:
+    """Write with stable cell ids (derived from the file name and position), so regenerating an
+    unchanged notebook changes nothing."""
+    stem = name.split("_")[0]
+    for k, cell in enumerate(notebook.cells):
+        cell["id"] = f"nb{stem}-{k:02d}"
+    nbformat.write(notebook, ROOT / name)
+
+
 def main() -> None:
     ROOT.mkdir(exist_ok=True)
-    nbformat.write(implicit_rewards_notebook(), ROOT / "01_implicit_rewards.ipynb")
-    nbformat.write(reward_model_notebook(), ROOT / "02_reading_a_reward_model.ipynb")
-    nbformat.write(entanglement_notebook(), ROOT / "03_gradient_entanglement.ipynb")
+    _write(implicit_rewards_notebook(), "01_implicit_rewards.ipynb")
+    _write(reward_model_notebook(), "02_reading_a_reward_model.ipynb")
+    _write(entanglement_notebook(), "03_gradient_entanglement.ipynb")
 
 
 if __name__ == "__main__":
