@@ -115,6 +115,25 @@ def test_explicit_reference_without_attach(tok, train_pairs, probe, tmp_path):
     np.testing.assert_allclose(frame[frame["step"] == 0]["reward_chosen"], expected["reward_chosen"], rtol=1e-5, atol=1e-5)
 
 
+def test_entanglement_statistics_are_recorded_without_changing_training(tok, train_pairs, probe, tmp_path):
+    plain, _, _ = make_trainer(tok, train_pairs, tmp_path / "plain", max_steps=3)
+    plain.train()
+    trainer, initial, _ = make_trainer(tok, train_pairs, tmp_path / "run", max_steps=3)
+    callback = DiagnosticsCallback(probe, every=3, ches=False, entanglement=True).attach(trainer)
+    trainer.train()
+    assert losses(trainer) == losses(plain)
+    for a, b in zip(trainer.model.parameters(), plain.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    frame = callback.frame
+    first = frame[frame["step"] == 0].reset_index(drop=True)
+    expected = rmlab.gradient_entanglement(initial, probe, tokenizer=tok, progress=False)
+    for col in ["grad_sq_chosen", "grad_sq_rejected", "grad_inner", "grad_cosine"]:
+        np.testing.assert_allclose(first[col], expected[col], rtol=1e-4, err_msg=col)
+    assert list(first["chosen_falls"]) == list(expected["chosen_falls"])
+    last = frame[frame["step"] == 3].reset_index(drop=True)
+    assert not np.allclose(last["grad_inner"], first["grad_inner"])
+
+
 def test_missing_reference_is_a_clear_error(tok, train_pairs, probe, tmp_path):
     callback = DiagnosticsCallback(probe, every=2)
     trainer, _, _ = make_trainer(tok, train_pairs, tmp_path, callbacks=[callback], max_steps=1)

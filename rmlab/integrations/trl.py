@@ -22,12 +22,18 @@ import torch
 from transformers import TrainerCallback
 
 from rmlab.diagnostics.displacement import _pair_hidden, ches_from_sums
+from rmlab.diagnostics.entanglement import gradient_entanglement
 from rmlab.engine.pairs import PairInputs, check_beta, prepare_pair_inputs, run_logprobs
 from rmlab.errors import ArgumentError
 from rmlab.io.pairs import load_pairs
 
 #: File name of the diagnostics frame, written in the run's output directory.
 FILE_NAME = "rmlab_diagnostics.parquet"
+
+#: Columns of :func:`rmlab.gradient_entanglement` recorded with ``entanglement=True``.
+_ENTANGLEMENT_COLUMNS = (
+    "grad_sq_chosen", "grad_sq_rejected", "grad_inner", "grad_cosine", "chosen_falls", "rejected_rises",
+)
 
 
 def _sums(values: list[np.ndarray]) -> np.ndarray:
@@ -67,6 +73,12 @@ class DiagnosticsCallback(TrainerCallback):
         reference: the reference model, when the callback is not attached to the trainer.
         tokenizer: tokenizer of the probe pairs (default: the trainer's ``processing_class``).
         ches: also record CHES and LN-CHES under the current policy (one more backbone pass).
+        entanglement: also record the gradient-entanglement statistics of each probe pair under the
+            current policy (:func:`rmlab.gradient_entanglement`: ``grad_sq_chosen``,
+            ``grad_sq_rejected``, ``grad_inner``, ``grad_cosine``, ``chosen_falls``,
+            ``rejected_rises``; Yuan et al. 2024). Costs two backward passes per probe pair.
+        entanglement_params: the parameters those gradients are taken over (``params`` of
+            :func:`rmlab.gradient_entanglement`; all trainable parameters by default).
         batch_tokens: padded tokens per forward pass of the probe computations.
 
     Example:
@@ -91,6 +103,8 @@ class DiagnosticsCallback(TrainerCallback):
         reference=None,
         tokenizer=None,
         ches: bool = True,
+        entanglement: bool = False,
+        entanglement_params=None,
         batch_tokens: int | None = None,
     ):
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
@@ -104,6 +118,9 @@ class DiagnosticsCallback(TrainerCallback):
         self.reference = reference
         self.tokenizer = tokenizer
         self.with_ches = bool(ches)
+        self.with_entanglement = bool(entanglement)
+        self._max_length, self._truncation_mode = None, "keep_start"
+        self.entanglement_params = entanglement_params
         self.batch_tokens = batch_tokens
         self.trainer = None
         self._ref_model = None
@@ -183,6 +200,7 @@ class DiagnosticsCallback(TrainerCallback):
                     scores = ln_scores = np.full(len(self._inputs.encoded), np.nan)
         finally:
             model.train(was_training)
+        entangled = self._entanglement(model) if self.with_entanglement else None
         n = len(self._inputs.encoded)
         beta = self._beta
         frame = pd.DataFrame(
@@ -201,12 +219,33 @@ class DiagnosticsCallback(TrainerCallback):
         frame["margin"] = frame["reward_chosen"] - frame["reward_rejected"]
         frame["ches"] = scores
         frame["ln_ches"] = ln_scores
+        if entangled is not None:
+            for column in _ENTANGLEMENT_COLUMNS:
+                frame[column] = entangled[column].to_numpy()
         frame["tokens_chosen"] = [p.chosen.n_response for p in self._inputs.encoded]
         frame["tokens_rejected"] = [p.rejected.n_response for p in self._inputs.encoded]
         frame["truncated"] = [p.truncated for p in self._inputs.encoded]
         self._rows.append(frame)
         self._recorded.add(state.global_step)
         self._save(state)
+
+    def _entanglement(self, model) -> pd.DataFrame:
+        """Gradient statistics of the probe pairs; the trainer's gradients and modes are left as found.
+
+        The recorded columns do not depend on DPO's loss weight, so no reference is needed here.
+        """
+        saved = [(p, p.grad) for p in model.parameters()]
+        was_training = model.training
+        try:
+            return gradient_entanglement(
+                model, self._inputs.pairs, tokenizer=self._inputs.tokenizer, reference=None,
+                params=self.entanglement_params, loss_weight="none", batch_tokens=self.batch_tokens,
+                max_length=self._max_length, truncation_mode=self._truncation_mode, progress=False,
+            )
+        finally:
+            for p, grad in saved:
+                p.grad = grad
+            model.train(was_training)
 
     def _save(self, state) -> None:
         if self._path is None or not self._rows or not getattr(state, "is_world_process_zero", True):
@@ -233,9 +272,11 @@ class DiagnosticsCallback(TrainerCallback):
         self._ref_model = reference
         was_training = policy.training
         try:
+            self._max_length = getattr(args, "max_length", None)
+            self._truncation_mode = getattr(args, "truncation_mode", "keep_start")
             self._inputs = prepare_pair_inputs(
-                policy, reference, self.pairs, tokenizer=tokenizer, max_length=getattr(args, "max_length", None),
-                truncation_mode=getattr(args, "truncation_mode", "keep_start"), batch_tokens=self.batch_tokens,
+                policy, reference, self.pairs, tokenizer=tokenizer, max_length=self._max_length,
+                truncation_mode=self._truncation_mode, batch_tokens=self.batch_tokens,
             )
         finally:
             policy.train(was_training)  # preparing puts the model in eval mode
