@@ -334,6 +334,118 @@ def entanglement_notebook():
     return new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
 
 
+def displacement_notebook():
+    cells = [
+        new_markdown_cell(
+            "# Likelihood displacement: where does the chosen response's probability go?\n\n"
+            "The question asked most about DPO runs: *why does the log-probability of the chosen response fall?* "
+            "DPO only needs the margin to grow, and in practice both responses usually become less likely. "
+            "Razin et al. (2024, *Unintentional Unalignment: Likelihood Displacement in Direct Preference "
+            "Optimization*) trace this to the responses' hidden representations. With $h_{x,z}$ the last hidden "
+            "state (the input of the unembedding) after $x, z$, and $H(y) = \\sum_k h_{x, y_{<k}}$,\n\n"
+            "$$\\text{CHES}(x, y_w, y_l) = \\langle H(y_w), H(y_l)\\rangle - \\lVert H(y_w)\\rVert^2, \\qquad "
+            "\\text{LN-CHES} = \\frac{\\langle H(y_w), H(y_l)\\rangle}{|y_w||y_l|} - \\frac{\\lVert H(y_w)\\rVert^2}{|y_w|^2}.$$\n\n"
+            "Pairs whose two responses look alike to the model (high CHES) are those whose chosen likelihood DPO "
+            "pushes down. This notebook runs DPO from the toy world's SFT model, watches the log-probs move, measures "
+            "CHES, and checks how well it predicts which pairs are displaced."
+        ),
+        new_code_cell(
+            "import numpy as np\n"
+            "import pandas as pd\n"
+            "import rmlab\n"
+            "from rmlab import plots\n"
+            "from rmlab.toy import load\n\n"
+            "world = load()\n"
+            "policy = reference = world.sft   # DPO starts from the SFT model, which is also its reference\n"
+            "tokenizer = world.tokenizer\n"
+            "pairs = world.heldout.head(100).reset_index(drop=True)"
+        ),
+        new_markdown_cell(
+            "**To use your own models**, replace the cell above, e.g.\n\n"
+            "```python\n"
+            "policy = reference = \"my-org/sft-model\"     # the starting point of a DPO run\n"
+            "tokenizer, pairs = None, \"my_pairs.jsonl\"\n"
+            "```\n"
+            "and keep the number of pairs and steps small on a CPU."
+        ),
+        new_markdown_cell(
+            "## A short DPO run, tracked\n"
+            "`track_dpo` fine-tunes a *copy* of the policy with the DPO loss and records, per pair and per step, the "
+            "log-probs, implicit rewards and margins (step 0 is before any update). With `save_dir=` it saves as it "
+            "goes and resumes after an interruption."
+        ),
+        new_code_cell(
+            "run = rmlab.track_dpo(policy, reference, pairs, tokenizer=tokenizer, steps=10, lr=0.5, beta=0.1, optimizer='sgd')\n"
+            "run"
+        ),
+        new_code_cell("plots.displacement_trajectories(run.trajectories)"),
+        new_markdown_cell(
+            "**What to look for:** the margin grows (the loss falls) while the mean chosen log-prob (thick solid line) "
+            "goes *down*, together with the rejected one. That is likelihood displacement."
+        ),
+        new_markdown_cell(
+            "## Where did the probability go?\n"
+            "At the first token where the chosen and rejected responses differ, `run.mass` lists the tokens whose "
+            "probability rose most. `alignment` is $\\langle W_z, W_{y_w} - W_{y_l}\\rangle$ with the unembedding rows "
+            "$W$: the paper's single-token analysis says mass flows to tokens aligned with the chosen-minus-rejected "
+            "direction, which need not be the chosen token itself."
+        ),
+        new_code_cell(
+            "gained = run.mass[run.mass.gain_rank == 1]\n"
+            "gained.groupby('token').agg(pairs=('pair', 'count'), mean_gain=('gain', 'mean'),\n"
+            "                            alignment=('alignment', 'mean')).sort_values('pairs', ascending=False).head(8)"
+        ),
+        new_markdown_cell(
+            "## Which pairs are at risk? CHES\n"
+            "`ches` needs one forward pass per batch, no training: it ranks pairs *before* a run (`rank` 1 = highest "
+            "LN-CHES, the pairs the paper filters out)."
+        ),
+        new_code_cell(
+            "scores = rmlab.ches(policy, pairs, tokenizer=tokenizer)\n"
+            "scores[['ches', 'ln_ches', 'rank', 'tokens_chosen', 'tokens_rejected']].sort_values('rank').head()"
+        ),
+        new_markdown_cell(
+            "The paper's prediction is about a DPO update **on that pair**. So train on each pair alone (a few SGD "
+            "steps on a fresh copy each time) and compare its chosen log-prob change with its LN-CHES."
+        ),
+        new_code_cell(
+            "alone = pd.concat([\n"
+            "    rmlab.track_dpo(policy, reference, pairs.iloc[[i]], tokenizer=tokenizer, steps=3, lr=1.0,\n"
+            "                    optimizer='sgd', progress=False).trajectories.assign(pair=i)\n"
+            "    for i in range(len(pairs))\n"
+            "])\n"
+            "plots.ches_vs_change(scores, alone)"
+        ),
+        new_code_cell(
+            "last = alone.sort_values('step').groupby('pair').logps_chosen\n"
+            "delta = (last.last() - last.first()).reindex(scores.pair)\n"
+            "top = scores.ln_ches >= scores.ln_ches.quantile(0.8)\n"
+            "bottom = scores.ln_ches <= scores.ln_ches.quantile(0.2)\n"
+            "print(f'chosen log-prob fell on {(delta[top.values] < 0).mean():.0%} of the 20% highest-LN-CHES pairs '\n"
+            "      f'and on {(delta[bottom.values] < 0).mean():.0%} of the 20% lowest')"
+        ),
+        new_markdown_cell(
+            "In the **joint** run above, every pair also moves with all the other pairs' updates, and the per-pair "
+            "signal is much weaker (check it below): CHES tells which pairs displace *themselves*; in a batch, "
+            "which pairs get displaced also depends on the rest of the data (see the gradient-similarity matrix of "
+            "the entanglement notebook)."
+        ),
+        new_code_cell("plots.ches_vs_change(scores, run.trajectories)"),
+        new_markdown_cell(
+            "## Inside a real training run\n"
+            "`rmlab.integrations.DiagnosticsCallback` records the same quantities for a probe set inside a "
+            "`trl.DPOTrainer` run and writes them to `rmlab_diagnostics.parquet` in the run's output folder:\n\n"
+            "```python\n"
+            "from rmlab.integrations import DiagnosticsCallback\n"
+            "callback = DiagnosticsCallback(probe_pairs, every=50, entanglement=True).attach(trainer)\n"
+            "trainer.train()\n"
+            "plots.displacement_trajectories(callback.frame)\n"
+            "```"
+        ),
+    ]
+    return new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+
+
 def _write(notebook, name: str) -> None:
     """Write with stable cell ids (derived from the file name and position), so regenerating an
     unchanged notebook changes nothing."""
@@ -348,6 +460,7 @@ def main() -> None:
     _write(implicit_rewards_notebook(), "01_implicit_rewards.ipynb")
     _write(reward_model_notebook(), "02_reading_a_reward_model.ipynb")
     _write(entanglement_notebook(), "03_gradient_entanglement.ipynb")
+    _write(displacement_notebook(), "04_likelihood_displacement.ipynb")
 
 
 if __name__ == "__main__":
