@@ -28,6 +28,10 @@ from rmlab.engine.batching import default_batch_tokens, length_batches, pad_righ
 #: Bytes of float32 logits one chunk of the selective log-softmax may hold.
 _CHUNK_BYTES = {"cpu": 1 << 26, "cuda": 1 << 29}
 
+#: A batch runs its shared prompts once only if that needs at most this fraction of the padded
+#: tokens of running its sequences whole (the cache copy and the longer masks cost something too).
+_SHARE_GAIN = 0.85
+
 
 @dataclass(frozen=True)
 class Scored:
@@ -315,18 +319,20 @@ def token_logprobs(
             _verify_shared(head, [sequences[k] for k in first], pad_id, device)
         if not head.shared:
             shareable = [False] * len(groups)
-    # padded tokens per group: a shared prompt counts once for the whole group
-    lengths = [
-        -(-sequences[g[0]].start // len(g)) + max(len(sequences[k].ids) - sequences[k].start for k in g)
-        if ok else n
-        for g, ok, n in zip(groups, shareable, lengths)
-    ]
-    batches = [
-        part
-        for batch in length_batches(lengths, budget, width=width)
-        for part in ([g for g in batch if shareable[g]], [g for g in batch if not shareable[g]])
-        if part
-    ]
+    # Batches are formed on whole lengths (as without sharing); a batch of shareable groups runs its
+    # prompts once only when that saves enough padded tokens: prompts and continuations are padded
+    # separately, so sharing can cost more than it saves when prompt lengths vary within a batch.
+    batches = []
+    for batch in length_batches(lengths, budget, width=width):
+        shared = [g for g in batch if shareable[g]]
+        if shared:
+            prompt = max(sequences[groups[g][0]].start for g in shared)
+            cont = max(len(sequences[k].ids) - sequences[k].start for g in shared for k in groups[g])
+            whole = max(lengths[g] for g in shared)
+            if len(shared) * (prompt + width * cont) > _SHARE_GAIN * len(shared) * width * whole:
+                shared = []
+        rest = [g for g in batch if g not in shared]
+        batches += [(part, use) for part, use in ((shared, True), (rest, False)) if part]
     results: list[np.ndarray | None] = [None] * len(sequences)
     autocast = (
         torch.autocast(device.type, dtype=autocast_dtype)
@@ -336,10 +342,10 @@ def token_logprobs(
     bar = tqdm(total=sum(len(g) for g in groups), desc=desc, unit="seq", disable=not progress, leave=False)
     with torch.inference_mode(), autocast:
         try:
-            for batch in batches:
+            for batch, use_shared in batches:
                 members = [k for g in batch for k in groups[g]]
                 seqs = [sequences[k] for k in members]
-                if shareable[batch[0]]:
+                if use_shared:
                     grouped = _shared_batch_logprobs(
                         head, [[sequences[k] for k in groups[g]] for g in batch], pad_id, device
                     )
