@@ -40,13 +40,37 @@ def _demo(args) -> int:
     print("\nDPO policies: implicit-reward accuracy on held-out pairs")
     print(summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
 
-    rm_rows = []
+    rm_rows, first_scores = [], None
     for k, rm in enumerate(world.reward_models):
         scores = reward_scores(rm, held, tokenizer=world.tokenizer, progress=False)
-        rm_rows.append({"reward_model": k, "accuracy": scores["correct"].mean()})
+        report = rmlab.reward_model_report(scores)
+        lengths = report.length_bias.set_index("slice")
+        rm_rows.append(
+            {
+                "reward_model": k,
+                "accuracy": report.summary["accuracy"],
+                "ece": report.summary["ece"],
+                "accuracy_longer_rejected": lengths.at["rejected longer", "accuracy"],
+            }
+        )
+        if first_scores is None:
+            first_scores, first_report = scores, report
     rm_table = pd.DataFrame(rm_rows)
-    print("\nproxy reward models: accuracy on held-out pairs")
+    print("\nproxy reward models on held-out pairs (accuracy, calibration error, accuracy when the longer answer was rejected)")
     print(rm_table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    strength = rmlab.preference_strength(world.reward_models, held, tokenizer=world.tokenizer, progress=False)
+    flagged, flipped = strength["likely_mislabelled"], strength["flipped"].astype(bool)
+    print(
+        f"preference strength over the 3 proxies: {int(flagged.sum())} pairs flagged as likely mislabelled, "
+        f"{flipped[flagged].mean():.0%} of them really flipped (base rate {flipped.mean():.0%})"
+    )
+    entangled = rmlab.gradient_entanglement(
+        world.dpo[0.1], held.head(60), reference=world.sft, tokenizer=world.tokenizer, beta=0.1, progress=False
+    )
+    print(
+        f"gradient entanglement (DPO beta=0.1, 60 pairs): a DPO step lowers the chosen log-prob of "
+        f"{entangled['chosen_falls'].mean():.0%} of pairs; median gradient cosine {entangled['grad_cosine'].median():.2f}"
+    )
 
     beta = sorted(world.dpo)[len(world.dpo) // 2]
     shown = int(rewards[rewards["beta"] == beta]["margin"].abs().idxmax() % len(held))
@@ -59,6 +83,12 @@ def _demo(args) -> int:
             tokens, 0
         ),
     }
+    figures["Calibration of proxy reward model 0"] = plots.calibration_diagram(first_report)
+    figures["Length bias of proxy reward model 0"] = plots.length_bias(first_scores)
+    figures["Preference strength over the three proxies (open circles: labels the noise flipped)"] = (
+        plots.preference_strength_map(strength)
+    )
+    figures["Gradient entanglement of the DPO beta=0.1 policy"] = plots.entanglement_scatter(entangled)
     curve = pd.DataFrame(world.manifest["metrics"]["best_of_n"])
     figures["Best-of-n against proxy 0, measured at build time"] = plots.overoptimization_curve(curve)
     out = write_report(

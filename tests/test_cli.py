@@ -19,4 +19,6 @@ def test_demo_prints_summary_and_writes_self_contained_report(tmp_path, capsys):
     assert page.count("<h2>") >= 4
     # plotly.js is inline: no CDN or requirejs, the file opens offline
     assert not re.search(r"<script[^>]+src=", page) and "require.config" not in page
-    assert page.count('class="plotly-graph-div"') == 3
+    # margins, token rewards, calibration, length bias, preference strength, entanglement, best-of-n
+    assert page.count('class="plotly-graph-div"') == 7
+    assert "likely mislabelled" in printed and "gradient entanglement" in printed
