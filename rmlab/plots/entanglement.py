@@ -150,12 +150,15 @@ def displacement_trajectories(
     return fig
 
 
-def ches_vs_change(ches: pd.DataFrame, trajectories: pd.DataFrame, *, score: str = "ln_ches", title: str | None = None) -> go.Figure:
+def ches_vs_change(ches: pd.DataFrame, change: pd.DataFrame, *, score: str = "ln_ches", title: str | None = None) -> go.Figure:
     """CHES score of each pair against the realised change of its chosen log-prob in a DPO run.
 
     Args:
         ches: from :func:`rmlab.ches` (``pair`` and the ``score`` column).
-        trajectories: from :func:`rmlab.track_dpo` on the same pairs.
+        change: the realised changes on the same pairs: a :func:`rmlab.track_dpo` trajectories frame
+            (change from the first to the last step of a joint run), or a
+            :func:`rmlab.gradient_entanglement` frame with ``realised=True`` (``real_delta_chosen``:
+            one DPO step on each pair alone).
         score: ``"ln_ches"`` (length-normalised, what Razin et al. filter by) or ``"ches"``.
         title: figure title.
 
@@ -165,10 +168,14 @@ def ches_vs_change(ches: pd.DataFrame, trajectories: pd.DataFrame, *, score: str
     joint run every pair also moves with the others' updates, which weakens the per-pair link.
     """
     _require(ches, ["pair", score], "rmlab.ches")
-    _require(trajectories, ["step", "pair", "logps_chosen"], "rmlab.track_dpo")
-    t = trajectories.sort_values(["pair", "step"]).groupby("pair")["logps_chosen"]
-    change = (t.last() - t.first()).rename("delta_chosen")
-    merged = ches.set_index("pair")[[score]].join(change, how="inner").reset_index()
+    if "real_delta_chosen" in change.columns:
+        _require(change, ["pair"], "rmlab.gradient_entanglement")
+        delta = change.set_index("pair")["real_delta_chosen"].rename("delta_chosen")
+    else:
+        _require(change, ["step", "pair", "logps_chosen"], "rmlab.track_dpo or rmlab.gradient_entanglement")
+        t = change.sort_values(["pair", "step"]).groupby("pair")["logps_chosen"]
+        delta = (t.last() - t.first()).rename("delta_chosen")
+    merged = ches.set_index("pair")[[score]].join(delta, how="inner").reset_index()
     if merged.empty:
         raise DataError("ches and trajectories share no pair: compute both on the same data.")
     rho = _spearman(merged[score], merged["delta_chosen"])
