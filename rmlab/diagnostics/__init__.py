@@ -13,6 +13,10 @@
 - :func:`ches`, :func:`track_dpo`: likelihood displacement, the CHES score of each pair and tracked
   DPO runs recording where the chosen probability mass goes (Razin et al. 2024, "Unintentional
   Unalignment").
+- :func:`best_of_n`, :func:`ensemble`, :func:`fit_overoptimization`: overoptimization curves of
+  best-of-n with the unbiased estimator, proxy ensembles and the published functional fits (Gao et
+  al. 2022, "Scaling Laws for Reward Model Overoptimization"; Coste et al. 2023, "Reward Model
+  Ensembles Help Mitigate Overoptimization").
 """
 
 from rmlab.diagnostics.data import preference_strength, ranking_accuracy, ranking_summary
@@ -23,13 +27,29 @@ from rmlab.diagnostics.entanglement import (
     similarity_matrix,
     token_entanglement,
 )
+from rmlab.diagnostics.overoptimization import (
+    OveroptimizationFit,
+    RewardEnsemble,
+    best_of_n,
+    best_of_n_expectation,
+    best_of_n_weights,
+    ensemble,
+    fit_overoptimization,
+)
 from rmlab.diagnostics.reward_model import RewardModelReport, reward_model_report
 
 __all__ = [
     "DisplacementRun",
+    "OveroptimizationFit",
+    "RewardEnsemble",
     "RewardModelReport",
+    "best_of_n",
+    "best_of_n_expectation",
+    "best_of_n_weights",
     "ches",
     "ches_from_sums",
+    "ensemble",
+    "fit_overoptimization",
     "gradient_entanglement",
     "gradient_similarity",
     "preference_strength",

@@ -2,42 +2,147 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from rmlab.errors import ArgumentError
 from rmlab.plots.rewards import _require
 
+#: One colour per proxy (plotly's default cycle); a single proxy keeps blue proxy / red gold.
+_PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
 
-def overoptimization_curve(frame: pd.DataFrame, *, title: str | None = None) -> go.Figure:
+_KL_NOTE = "best-of-n KL log n - (n-1)/n is an upper bound on the true KL (Beirami et al. 2024)"
+
+
+def _rgba(hex_color: str, alpha: float) -> str:
+    r, g, b = (int(hex_color[i : i + 2], 16) for i in (1, 3, 5))
+    return f"rgba({r},{g},{b},{alpha})"
+
+
+def _fits(fit) -> list:
+    if fit is None:
+        return []
+    if isinstance(fit, Mapping):
+        return [(str(k), v) for k, v in fit.items()]
+    if isinstance(fit, (list, tuple)):
+        return [(getattr(f, "name", None), f) for f in fit]
+    return [(getattr(fit, "name", None), fit)]
+
+
+def overoptimization_curve(
+    frame: pd.DataFrame,
+    *,
+    fit=None,
+    title: str | None = None,
+    show_proxy: bool = True,
+    points: int = 200,
+) -> go.Figure:
     """Gold and proxy reward against sqrt(KL) (Gao et al. 2022, "Scaling Laws for Reward Model
-    Overoptimization").
+    Overoptimization"), with optional fitted curves and their bootstrap bands.
 
     Args:
         frame: one row per point with ``kl``, ``proxy``, ``gold`` and optionally ``n`` (best-of-n),
-            ``proxy_se`` / ``gold_se`` (error bars).
+            ``proxy_se`` / ``gold_se`` (error bars) and ``proxy_name`` (several proxies or ensembles
+            from :func:`rmlab.best_of_n`: one colour each, gold solid, proxy dashed; clicking a legend
+            entry shows or hides that proxy's traces).
+        fit: an :func:`rmlab.fit_overoptimization` result, or a list / ``{label: fit}`` dict of them:
+            each is drawn as a dotted curve over the data's KL range with its pointwise bootstrap band
+            (shaded) and its peak (a diamond, when the fitted peak is finite), in the colour of the
+            proxy it was fitted on.
+        title: figure title.
+        show_proxy: draw the proxy reward too (default True).
+        points: points along each fitted curve.
 
     For best-of-n the KL is the analytic ``log n - (n-1)/n``, an upper bound on the true KL
     (Beirami et al. 2024); the x-axis title says so when an ``n`` column is present.
     """
     _require(frame, ["kl", "proxy", "gold"], "a best-of-n or checkpoint curve")
-    x = np.sqrt(frame["kl"].to_numpy())
-    hover = [f"n = {n}" for n in frame["n"]] if "n" in frame else None
+    bon = "n" in frame
+    several = "proxy_name" in frame.columns
+    groups = list(frame.groupby("proxy_name", sort=False)) if several else [(frame.attrs.get("proxy_name"), frame)]
+    colours = {}
     fig = go.Figure()
-    for column, color in (("proxy", "#1f77b4"), ("gold", "#d62728")):
-        error = frame.get(f"{column}_se")
+    for k, (name, group) in enumerate(groups):
+        x = np.sqrt(group["kl"].to_numpy(dtype=np.float64))
+        hover = [f"n = {n}" for n in group["n"]] if bon else None
+        if several:
+            colour = _PALETTE[k % len(_PALETTE)]
+            styles = (("proxy", colour, "dash"), ("gold", colour, "solid"))
+        else:
+            colour = "#d62728"
+            styles = (("proxy", "#1f77b4", "solid"), ("gold", "#d62728", "solid"))
+        colours[name] = colour
+        for column, color, dash in styles:
+            if column == "proxy" and not show_proxy:
+                continue
+            error = group[f"{column}_se"].to_numpy() if f"{column}_se" in group else None
+            fig.add_trace(
+                go.Scatter(
+                    x=x, y=group[column], name=f"{column} ({name})" if several else column,
+                    mode="lines+markers", line=dict(color=color, dash=dash),
+                    error_y=dict(type="data", array=error, visible=True) if error is not None else None,
+                    hovertext=hover, legendgroup=str(name) if several else None,
+                )
+            )
+    kl_max = float(frame["kl"].max())
+    fits = _fits(fit)
+    for k, (label, result) in enumerate(fits):
+        if not hasattr(result, "predict") or not hasattr(result, "band"):
+            raise ArgumentError(
+                f"fit must be a result of rmlab.fit_overoptimization (or a list / dict of them), not a "
+                f"{type(result).__name__}."
+            )
+        fitted_on = getattr(result, "name", None)
+        name = label if label is not None else fitted_on
+        if several and fitted_on in colours:
+            colour, group_key = colours[fitted_on], str(fitted_on)  # toggles with its proxy's traces
+        elif not several and len(fits) == 1:
+            colour, group_key = colours[groups[0][0]], f"fit {k}"
+        else:
+            colour, group_key = _PALETTE[(len(groups) + 1 + k) % len(_PALETTE)], f"fit {k}"
+        kl = np.linspace(0.0, kl_max, points)
+        d = np.sqrt(kl)
+        lo, hi = result.band(kl)
+        if np.isfinite(lo).all() and np.isfinite(hi).all():
+            fig.add_trace(go.Scatter(x=d, y=hi, mode="lines", line=dict(width=0), hoverinfo="skip",
+                                     showlegend=False, legendgroup=group_key))
+            fig.add_trace(
+                go.Scatter(
+                    x=d, y=lo, mode="lines", line=dict(width=0), fill="tonexty", fillcolor=_rgba(colour, 0.18),
+                    name=f"{int(round(result.level * 100))}% bootstrap band", legendgroup=group_key,
+                    hoverinfo="skip", showlegend=False,
+                )
+            )
+        text = f"alpha={result.alpha:.3g}, beta={result.beta:.3g}, R²={result.r2:.3f}"
         fig.add_trace(
             go.Scatter(
-                x=x, y=frame[column], name=column, mode="lines+markers", line=dict(color=color),
-                error_y=dict(type="data", array=error, visible=True) if error is not None else None,
-                hovertext=hover,
+                x=d, y=result.predict(kl), mode="lines", line=dict(color=colour, dash="dot", width=2),
+                name=f"{result.form} fit{f' ({name})' if name else ''}: {text}", legendgroup=group_key,
             )
         )
-    bon = "n" in frame
+        if np.isfinite(result.peak_kl) and result.peak_kl <= kl_max * 1.5:
+            fig.add_trace(
+                go.Scatter(
+                    x=[np.sqrt(result.peak_kl)], y=[result.peak_gold], mode="markers",
+                    marker=dict(symbol="diamond", size=11, color=colour, line=dict(color="black", width=1)),
+                    name=f"fitted peak: KL={result.peak_kl:.3g}, {result.y}={result.peak_gold:.3g}",
+                    legendgroup=group_key, showlegend=False,
+                    hovertext=f"peak KL {result.peak_kl:.3g} (CI {result.peak_kl_ci[0]:.3g}-{result.peak_kl_ci[1]:.3g})",
+                )
+            )
     fig.update_layout(
         title=title or ("Best-of-n: proxy vs gold reward" if bon else "Proxy vs gold reward"),
         xaxis_title="sqrt(KL) " + ("(analytic log n - (n-1)/n, an upper bound)" if bon else "to the initial policy"),
         yaxis_title="reward",
         hovermode="x unified",
     )
+    if bon:
+        fig.add_annotation(
+            text=_KL_NOTE, xref="paper", yref="paper", x=0, y=-0.22, showarrow=False, font=dict(size=10),
+            xanchor="left",
+        )
+        fig.update_layout(margin=dict(b=90))
     return fig
