@@ -240,6 +240,7 @@ class DiagnosticsCallback(TrainerCallback):
             return gradient_entanglement(
                 model, self._inputs.pairs, tokenizer=self._inputs.tokenizer, reference=None,
                 params=self.entanglement_params, loss_weight="none", batch_tokens=self.batch_tokens,
+                method="loop",  # TRL patches the model's forward in ways torch.func cannot trace
                 max_length=self._max_length, truncation_mode=self._truncation_mode, progress=False,
             )
         finally:
