@@ -17,8 +17,12 @@
   best-of-n with the unbiased estimator, proxy ensembles and the published functional fits (Gao et
   al. 2022, "Scaling Laws for Reward Model Overoptimization"; Coste et al. 2023, "Reward Model
   Ensembles Help Mitigate Overoptimization").
+- :func:`checkpoint_curve`, :func:`curve_from_samples`, :func:`kl_estimate`: gold and proxy reward
+  against KL(pi || pi_ref) estimated from each checkpoint's own samples (Gao et al. 2022; Rafailov
+  et al. 2024 for direct alignment algorithms).
 """
 
+from rmlab.diagnostics.checkpoints import checkpoint_curve, curve_from_samples, kl_estimate
 from rmlab.diagnostics.data import preference_strength, ranking_accuracy, ranking_summary
 from rmlab.diagnostics.displacement import DisplacementRun, ches, ches_from_sums, track_dpo
 from rmlab.diagnostics.entanglement import (
@@ -46,12 +50,15 @@ __all__ = [
     "best_of_n",
     "best_of_n_expectation",
     "best_of_n_weights",
+    "checkpoint_curve",
     "ches",
     "ches_from_sums",
+    "curve_from_samples",
     "ensemble",
     "fit_overoptimization",
     "gradient_entanglement",
     "gradient_similarity",
+    "kl_estimate",
     "preference_strength",
     "ranking_accuracy",
     "ranking_summary",

@@ -35,6 +35,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, PreTrainedTokenizerFast
 
+from rmlab.diagnostics.overoptimization import best_of_n, best_of_n_expectation
 from rmlab.engine.logprobs import Scored
 from rmlab.io.pairs import load_pairs
 from rmlab.io.tokenize import encode_pairs
@@ -106,7 +107,9 @@ def generate(
     """Sample ``n`` completions per prompt (temperature 1, the full distribution).
 
     Prompts of equal token length share a ``generate`` call, so no padding is ever needed; each
-    call is seeded from ``seed`` and its index, so the result is reproducible.
+    call is seeded from ``seed`` and its index, so the result is reproducible. This is the sampler
+    the shipped world was built with, kept so that ``rmlab build-toy`` reproduces ``data/toy``
+    exactly; analyses sample with :func:`rmlab.sample`, which draws a different random stream.
     """
     encoded = {p: tokenizer(p)["input_ids"] for p in prompts}
     by_length: dict[int, list[str]] = {}
@@ -185,24 +188,8 @@ def _rm_scores(model, tokenizer, prompts, completions) -> np.ndarray:
     return score_sequences(model, ids, pad_id=tokenizer.pad_token_id, progress=False)
 
 
-def bon_expectation(proxy: np.ndarray, values: np.ndarray, n: int) -> float:
-    """Unbiased expected ``values`` of the best-of-n (by ``proxy``) from a pool of ``N >= n`` samples.
-
-    Sorted ascending by proxy, sample ``i`` (1-based) is the best of a random n-subset with
-    probability ``C(i-1, n-1) / C(N, n)`` (Gao et al. 2022, appendix; computed with log-binomials).
-    """
-    from math import lgamma
-
-    order = np.argsort(proxy, kind="stable")
-    v = np.asarray(values, dtype=np.float64)[order]
-    big = len(v)
-    i = np.arange(n, big + 1)
-
-    def lbinom(a, b):
-        return np.array([lgamma(x + 1) - lgamma(b + 1) - lgamma(x - b + 1) for x in np.atleast_1d(a)])
-
-    w = np.exp(lbinom(i - 1, n - 1) - lbinom(np.array([big]), n)[0])
-    return float((w * v[n - 1 :]).sum())
+#: The unbiased best-of-n estimator (Gao et al. 2022, appendix), kept under its old name here.
+bon_expectation = best_of_n_expectation
 
 
 def build(out: str | Path, cfg: BuildConfig | None = None, *, progress: bool = True) -> dict:
@@ -358,16 +345,11 @@ def _measure(root, cfg, tok, held, proxy, rm_acc, checkpoints, *, progress) -> d
     pool["proxy"] = _rm_scores(proxy, tok, pool["prompt"], pool["completion"])
     pool["gold"] = language.gold_reward(pool["completion"])
     pool["words"] = [language.word_count(c) for c in pool["completion"]]
-    curve = []
-    for n in cfg.bon_ns:
-        by_prompt = [
-            (bon_expectation(g["proxy"].to_numpy(), g["proxy"].to_numpy(), n),
-             bon_expectation(g["proxy"].to_numpy(), g["gold"].to_numpy(), n),
-             bon_expectation(g["proxy"].to_numpy(), g["words"].to_numpy(), n))
-            for _, g in pool.groupby("prompt")
-        ]
-        p, g, w = np.mean(by_prompt, axis=0)
-        curve.append({"n": n, "kl": float(np.log(n) - (n - 1) / n), "proxy": float(p), "gold": float(g), "words": float(w)})
+    bon = best_of_n(pool, proxy="proxy", gold="gold", n_values=cfg.bon_ns, values=["words"], progress=False)
+    curve = [
+        {"n": int(r.n), "kl": float(r.kl), "proxy": float(r.proxy), "gold": float(r.gold), "words": float(r.words)}
+        for r in bon.itertuples()
+    ]
     pool.to_parquet(root / "bon_pool.parquet", index=False)
     return {
         "heldout_pairs": int(len(held)),

@@ -1,0 +1,929 @@
+"""Sample completions from a policy: batched, reproducible, resumable, with the policy's log-probs.
+
+:func:`sample` draws ``n`` completions per prompt from a causal LM and returns one row per
+completion. It is the first step of every policy-side overoptimization analysis: KL from the
+initial policy along DPO / RL checkpoints (Gao et al. 2022, "Scaling Laws for Reward Model
+Overoptimization"; Rafailov et al. 2024, "Scaling Laws for Reward Model Overoptimization in Direct
+Alignment Algorithms") and best-of-n pools.
+
+How it works:
+
+- **Batched across prompts and samples.** Every (prompt, sample) row is one sequence; rows are
+  sorted by prompt length (so a batch holds prompts of similar length), left-padded and decoded
+  together with a KV cache under a budget of rows (``batch_size``) and padded tokens
+  (``batch_tokens``). Rows that finish (EOS) are dropped from the cache as the batch goes on.
+- **Reproducible, batch-size invariant randomness.** The random number that picks token ``t`` of
+  sample ``k`` of prompt ``i`` is a counter-based hash of ``(seed, i, k, t)``: the token is drawn
+  by inverse-CDF sampling from the (temperature / top-p) distribution with that number. So a row's
+  randomness does not depend on which other rows share its batch, how many samples are drawn
+  (sample ``k`` of ``n=4`` is sample ``k`` of ``n=8``), or where a run resumed. Results are
+  therefore identical across ``batch_size`` / ``batch_tokens`` up to floating-point ties: a
+  different batch shape changes logits by ~1e-7, which changes a token only when the random number
+  falls within ~1e-7 of a boundary of the cumulative distribution (never observed in the tests).
+  For fixed settings on one machine the result is exactly reproducible. Two policies given the
+  same seed use the same random numbers (common random numbers), so a policy sampled against
+  itself gives identical samples.
+- **Log-probs from the engine.** ``logp`` is recomputed after sampling by rmlab's engine
+  (:func:`rmlab.engine.logprobs.token_logprobs`, one batched pass), so it is exactly the number
+  :func:`rmlab.implicit_rewards` / :func:`rmlab.token_rewards` compute for the same token ids. The
+  sampler's own step-by-step log-probs are checked against it on the first batch of each model
+  (a warning if an architecture's incremental decoding disagreed with its full forward).
+- **Resumable.** With ``cache_dir`` each finished batch is written as a parquet file keyed by a
+  fingerprint of the model weights, the tokenizer, the prompts and the settings; calling again
+  with the same arguments skips what is done. Without ``cache_dir`` an interrupt
+  (``KeyboardInterrupt``) re-raises as :class:`SamplingInterrupted` carrying the finished rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import warnings
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from rmlab.engine.batching import length_batches
+from rmlab.engine.logprobs import Scored, token_logprobs
+from rmlab.errors import ArgumentError, DataError, ModelError, check_choice, closest
+from rmlab.io.models import (
+    check_vocab_covers,
+    context_length,
+    load_causal_lm,
+    load_tokenizer,
+    model_device,
+    resolve_dtype,
+)
+from rmlab.io.pairs import cell_kind, to_python
+from rmlab.io.tokenize import _check_template, _prompt_ids
+
+#: Columns of the frame :func:`sample` returns, in order.
+SAMPLE_COLUMNS = ("prompt_index", "prompt", "sample", "completion", "tokens", "n_tokens", "finished", "logp")
+
+#: Bump when a change to the sampler changes what a seed produces (invalidates caches).
+SAMPLER_VERSION = 1
+
+BACKENDS = ("hf", "vllm")
+
+
+class SamplingInterrupted(KeyboardInterrupt):
+    """Sampling was interrupted; ``partial`` holds every completion finished before the interrupt.
+
+    A subclass of ``KeyboardInterrupt``, so it stops a script or a notebook cell like one. In a
+    notebook the finished rows stay reachable after the traceback as ``sys.last_value.partial``;
+    in code, ``except rmlab.SamplingInterrupted as err: frame = err.partial``.
+    """
+
+    def __init__(self, message: str, partial: pd.DataFrame | None = None):
+        super().__init__(message)
+        self.partial = partial if partial is not None else pd.DataFrame(columns=list(SAMPLE_COLUMNS))
+
+
+# --------------------------------------------------------------------------------------------------
+# input checks (all before any model runs)
+# --------------------------------------------------------------------------------------------------
+def _check_int(name: str, value, minimum: int, hint: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ArgumentError(f"{name}={value!r} must be an integer >= {minimum} ({hint}).")
+    return int(value)
+
+
+def check_settings(
+    *, n, max_new_tokens, temperature, top_p, seed, batch_size, batch_tokens, backend
+) -> tuple[int, int, float, float, int]:
+    """Validate the sampling settings; returns ``(n, max_new_tokens, temperature, top_p, seed)``."""
+    n = _check_int("n", n, 1, "completions per prompt")
+    max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 1, "the longest completion, in tokens")
+    try:
+        temperature = float(temperature)
+    except (TypeError, ValueError):
+        raise ArgumentError(f"temperature={temperature!r} must be a number > 0 (1.0 samples the policy itself).") from None
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise ArgumentError(
+            f"temperature={temperature!r} must be a finite number > 0 (1.0 samples the policy itself; "
+            "greedy decoding is not sampling: use a small temperature such as 1e-3 to approximate it)."
+        )
+    try:
+        top_p = float(top_p)
+    except (TypeError, ValueError):
+        raise ArgumentError(f"top_p={top_p!r} must be a number in (0, 1] (1.0 keeps the whole distribution).") from None
+    if not (0.0 < top_p <= 1.0):
+        raise ArgumentError(f"top_p={top_p!r} must be in (0, 1] (1.0 keeps the whole distribution).")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ArgumentError(f"seed={seed!r} must be an integer.")
+    if batch_size is not None:
+        _check_int("batch_size", batch_size, 1, "completions decoded together; None picks one")
+    if batch_tokens is not None:
+        _check_int("batch_tokens", batch_tokens, 1, "padded tokens per batch; None picks one")
+    check_choice("backend", backend, BACKENDS)
+    return n, max_new_tokens, temperature, top_p, int(seed)
+
+
+def check_prompts(prompts) -> tuple[list, str]:
+    """Validate prompts: a list of strings or of chat conversations. Returns ``(prompts, format)``.
+
+    A DataFrame with a ``prompt`` column, a Series, a tuple or an array are accepted too.
+    """
+    if isinstance(prompts, str):
+        raise DataError(
+            "prompts is one string; pass a list of prompts (e.g. [prompt]), so that each row of the "
+            "result can say which prompt it answers."
+        )
+    if isinstance(prompts, pd.DataFrame):
+        if "prompt" not in prompts.columns:
+            raise DataError(
+                f"The prompts frame has columns {list(map(str, prompts.columns))} but no 'prompt'."
+                + closest("prompt", map(str, prompts.columns))
+            )
+        prompts = prompts["prompt"]
+    if isinstance(prompts, (pd.Series, np.ndarray, tuple)):
+        prompts = list(prompts)
+    if isinstance(prompts, Mapping) or not isinstance(prompts, list):
+        raise DataError(
+            f"prompts must be a list of strings or of chat conversations (lists of messages), got "
+            f"{type(prompts).__name__}."
+        )
+    if not prompts:
+        raise DataError("prompts is empty: pass at least one prompt to sample from.")
+    if all(isinstance(m, Mapping) for m in prompts):
+        raise DataError(
+            "prompts looks like one conversation (a list of messages); pass a list of conversations "
+            "([messages]) so that each prompt is one conversation."
+        )
+    out, kinds = [], set()
+    for i, p in enumerate(prompts):
+        p = to_python(p)
+        if isinstance(p, (list, tuple)) and not p:
+            raise DataError(f"Prompt {i} is an empty conversation; give it at least one message.")
+        kind = cell_kind(p, i, "prompt", response=False)
+        if kinds and kind not in kinds:
+            raise DataError(
+                f"Prompt {i} is {kind!r} but earlier prompts are {next(iter(kinds))!r}; use one format "
+                "(all plain text or all chat conversations)."
+            )
+        kinds.add(kind)
+        out.append(list(p) if isinstance(p, tuple) else p)
+    return out, kinds.pop()
+
+
+def encode_prompts(prompts: list, fmt: str, tokenizer, chat_template_kwargs: dict | None = None) -> list[list[int]]:
+    """Token ids of each prompt as a trainer would feed them before the completion.
+
+    Plain text is tokenised with the tokenizer's own special-token rules (a BOS where the tokenizer
+    adds one); conversations get the chat template with the generation prompt (the assistant turn
+    opened), as :func:`rmlab.io.tokenize.encode_pairs` does. A prompt that encodes to nothing
+    (``""`` with a tokenizer that adds no BOS) starts from the BOS token, or from the EOS token when
+    there is no BOS (GPT-2's convention for unconditional samples).
+    """
+    kwargs = dict(chat_template_kwargs or {})
+    if fmt == "chat":
+        _check_template(tokenizer, kwargs)
+    ids = [list(map(int, p)) for p in _prompt_ids(tokenizer, fmt, prompts, kwargs)]
+    for i, p in enumerate(ids):
+        if not p:
+            start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+            if start is None:
+                raise DataError(
+                    f"Prompt {i} encodes to no tokens and the tokenizer has neither a BOS nor an EOS "
+                    "token to start from; give it some text."
+                )
+            ids[i] = [int(start)]
+    return ids
+
+
+def check_prompt_context(prompt_ids: list[list[int]], model, max_new_tokens: int, role: str = "policy") -> None:
+    """Raise :class:`DataError` for the first prompt that cannot take ``max_new_tokens`` more tokens."""
+    limit = context_length(model)
+    if limit is None:
+        return
+    for i, ids in enumerate(prompt_ids):
+        if len(ids) >= limit:
+            raise DataError(
+                f"Prompt {i} is {len(ids)} tokens, as long as the {role}'s whole context ({limit} "
+                "tokens): there is no room for a completion. Shorten the prompt."
+            )
+        if len(ids) + max_new_tokens > limit:
+            raise DataError(
+                f"Prompt {i} is {len(ids)} tokens; with max_new_tokens={max_new_tokens} that makes "
+                f"{len(ids) + max_new_tokens}, but the {role} accepts at most {limit}. Pass "
+                f"max_new_tokens={limit - len(ids)} or less, or shorten the prompt."
+            )
+
+
+def stop_token_ids(eos_token_id, model, tokenizer) -> list[int]:
+    """The ids that end a completion: ``eos_token_id`` if given, else the model's generation config's
+    EOS id(s) together with the tokenizer's EOS (chat models often list their end-of-turn token)."""
+    def as_list(value):
+        if value is None:
+            return []
+        if isinstance(value, (int, np.integer)):
+            return [int(value)]
+        return [int(v) for v in value]
+
+    if eos_token_id is not None:
+        try:
+            ids = as_list(eos_token_id)
+        except (TypeError, ValueError):
+            raise ArgumentError(f"eos_token_id={eos_token_id!r} must be a token id or a list of ids.") from None
+    else:
+        gen = getattr(model, "generation_config", None)
+        ids = as_list(getattr(gen, "eos_token_id", None)) + as_list(tokenizer.eos_token_id)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    for i in ids:
+        if not 0 <= i < vocab:
+            raise ArgumentError(f"Stop token id {i} is outside the model's vocabulary (0..{vocab - 1}).")
+    return sorted(set(ids))
+
+
+def _pad_id(tokenizer) -> int:
+    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def _autocast_dtype(model, dtype) -> torch.dtype | None:
+    dev = model_device(model)
+    wanted = resolve_dtype(dtype, dev)
+    return wanted if dev.type == "cuda" and wanted != next(model.parameters()).dtype else None
+
+
+def _autocast(model, dtype):
+    target = _autocast_dtype(model, dtype)
+    dev = model_device(model)
+    return torch.autocast(dev.type, dtype=target) if target is not None else contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------------------------------
+# randomness: a counter-based hash of (seed, prompt, sample, step)
+# --------------------------------------------------------------------------------------------------
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser on a uint64 array (wraps around, as intended)."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * _M1
+    x = x ^ (x >> np.uint64(27))
+    x = x * _M2
+    return x ^ (x >> np.uint64(31))
+
+
+def row_keys(seed: int, prompt_index, sample_index) -> np.ndarray:
+    """One 64-bit key per (prompt, sample) row, from the seed."""
+    p = np.asarray(prompt_index, dtype=np.uint64)
+    s = np.asarray(sample_index, dtype=np.uint64)
+    base = _mix(np.full(p.shape, seed % (1 << 64), dtype=np.uint64) + _GOLDEN)
+    return _mix(_mix(base ^ _mix(p + _GOLDEN)) ^ _mix(s + _M1))
+
+
+def row_uniforms(keys: np.ndarray, steps: int) -> np.ndarray:
+    """``(rows, steps)`` uniform numbers in [0, 1): step ``t`` of row ``r`` depends on ``keys[r]`` and
+    ``t`` only."""
+    t = np.arange(1, steps + 1, dtype=np.uint64)
+    x = _mix(keys[:, None] ^ _mix(t[None, :] * _GOLDEN))
+    return (x >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+# --------------------------------------------------------------------------------------------------
+# the decoding loop
+# --------------------------------------------------------------------------------------------------
+def pick_tokens(
+    logits: torch.Tensor, u: torch.Tensor, temperature: float, top_p: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one token per row by inverse-CDF sampling with the uniform numbers ``u``.
+
+    The sampling distribution is ``softmax(logits / temperature)`` restricted to the smallest set of
+    most likely tokens whose mass reaches ``top_p`` (nucleus sampling, Holtzman et al. 2020), in
+    float64. Returns the tokens and their log-probs under the *policy*, ``log_softmax(logits)`` at
+    temperature 1 (what KL needs), whatever the sampling settings.
+    """
+    lf = logits.float()
+    policy_lp = torch.log_softmax(lf, dim=-1)
+    if temperature == 1.0:
+        probs = policy_lp.double().exp()
+    else:
+        probs = torch.softmax(lf.double() / temperature, dim=-1)
+    if top_p < 1.0:
+        sp, si = probs.sort(dim=-1, descending=True, stable=True)
+        before = sp.cumsum(dim=-1) - sp
+        sp = sp.masked_fill(before >= top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter_(1, si, sp)
+    cdf = probs.cumsum(dim=-1)
+    total = cdf[:, -1]
+    if not bool(torch.isfinite(total).all()) or not bool((total > 0).all()):
+        raise ModelError("The model produced non-finite logits while sampling (NaN or inf); check its weights/dtype.")
+    target = torch.minimum(u.to(cdf) * total, torch.nextafter(total, torch.zeros_like(total)))
+    tokens = torch.searchsorted(cdf, target[:, None], right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)
+    return tokens, policy_lp.gather(1, tokens[:, None]).squeeze(1)
+
+
+_NO_LOGITS_TO_KEEP: weakref.WeakSet = weakref.WeakSet()
+
+
+def _forward(model, **inputs):
+    """The model's forward, asking for the last position's logits only where the model allows it."""
+    if model not in _NO_LOGITS_TO_KEEP:
+        try:
+            return model(**inputs, logits_to_keep=1)
+        except TypeError:
+            _NO_LOGITS_TO_KEEP.add(model)
+    return model(**inputs)
+
+
+def decode_batch(
+    model,
+    prompt_ids: Sequence[Sequence[int]],
+    uniforms: np.ndarray,
+    *,
+    temperature: float,
+    top_p: float,
+    stop_ids: Sequence[int],
+    pad_id: int,
+    on_finished: Callable[[int], None] | None = None,
+) -> tuple[list[list[int]], list[bool], list[np.ndarray]]:
+    """Sample one completion per prompt in ``prompt_ids`` (rows), together, with a KV cache.
+
+    Prompts are left-padded (positions count real tokens only); ``uniforms[r, t]`` picks token ``t``
+    of row ``r`` (see :func:`pick_tokens`). A row stops at its first stop token (kept as the last
+    token) or after ``uniforms.shape[1]`` tokens; finished rows leave the cache as the batch goes
+    on. Returns per row the generated ids, whether a stop token ended them, and the sampler's
+    per-token log-probs (used to check the engine's).
+    """
+    device = model_device(model)
+    rows, steps = len(prompt_ids), uniforms.shape[1]
+    width = max(len(p) for p in prompt_ids)
+    ids = torch.full((rows, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((rows, width), dtype=torch.long)
+    for r, p in enumerate(prompt_ids):
+        ids[r, width - len(p):] = torch.as_tensor(p, dtype=torch.long)
+        mask[r, width - len(p):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    pos = (mask.cumsum(1) - 1).clamp_(min=0)
+    u_all = torch.as_tensor(uniforms, dtype=torch.float64, device=device)
+    stop = torch.as_tensor(list(stop_ids), dtype=torch.long, device=device)
+    out = torch.full((rows, steps), pad_id, dtype=torch.long, device=device)
+    lps = torch.zeros((rows, steps), dtype=torch.float32, device=device)
+    n_gen = torch.zeros(rows, dtype=torch.long, device=device)
+    done = torch.zeros(rows, dtype=torch.bool, device=device)
+    live = torch.arange(rows, device=device)  # original row of each cache row
+    alive = torch.ones(rows, dtype=torch.bool, device=device)  # cache rows still decoding
+    result = _forward(model, input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+    cache, logits = result.past_key_values, result.logits[:, -1]
+    compactable = hasattr(cache, "batch_select_indices")
+    for t in range(steps):
+        tokens, lp = pick_tokens(logits, u_all[live, t], temperature, top_p)
+        tokens = torch.where(alive, tokens, torch.full_like(tokens, pad_id))
+        out[live[alive], t] = tokens[alive]
+        lps[live[alive], t] = lp[alive]
+        n_gen[live[alive]] = t + 1
+        ended = alive & torch.isin(tokens, stop) if len(stop) else torch.zeros_like(alive)
+        if bool(ended.any()):
+            done[live[ended]] = True
+            alive = alive & ~ended
+            if on_finished is not None:
+                on_finished(int(ended.sum()))
+        if t == steps - 1 or not bool(alive.any()):
+            break
+        if compactable and int((~alive).sum()) * 8 >= len(alive):  # drop finished rows from the cache
+            keep = alive.nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            mask, pos, live, tokens, alive = mask[keep], pos[keep], live[keep], tokens[keep], alive[keep]
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        pos = pos[:, -1:] + 1
+        result = _forward(
+            model, input_ids=tokens[:, None], attention_mask=mask, position_ids=pos,
+            past_key_values=cache, use_cache=True,
+        )
+        cache, logits = result.past_key_values, result.logits[:, -1]
+    if on_finished is not None and int((~done).sum()):
+        on_finished(int((~done).sum()))
+    n_gen, out, lps, done = n_gen.cpu().tolist(), out.cpu(), lps.cpu(), done.cpu().tolist()
+    return (
+        [out[r, : n_gen[r]].tolist() for r in range(rows)],
+        done,
+        [lps[r, : n_gen[r]].numpy() for r in range(rows)],
+    )
+
+
+_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _check_sampler(model, sampler_lp: list[np.ndarray], engine_lp: list[np.ndarray]) -> None:
+    """Once per model: the sampler's incremental log-probs must equal the engine's full forward."""
+    if _CHECKED.get(model):
+        return
+    _CHECKED[model] = True
+    err = max((float(np.abs(a - b).max()) for a, b in zip(sampler_lp, engine_lp) if len(a)), default=0.0)
+    tol = 1e-3 if next(model.parameters()).dtype == torch.float32 and _autocast_dtype(model, "auto") is None else 0.1
+    if not err <= tol:
+        warnings.warn(
+            f"{type(model).__name__}: the sampler's step-by-step log-probs differ from the model's full "
+            f"forward by {err:.2e} (left padding or the KV cache may be handled differently by this "
+            "architecture), so the samples may not follow the model's distribution exactly. The logp "
+            "column comes from the full forward and is exact for the sampled tokens.",
+            stacklevel=3,
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# log-probs of given completions
+# --------------------------------------------------------------------------------------------------
+def _sequences(prompt_ids: list[list[int]], prompt_index, tokens) -> list[Scored]:
+    return [Scored(tuple(prompt_ids[i]) + tuple(int(t) for t in toks), len(prompt_ids[i])) for i, toks in zip(prompt_index, tokens)]
+
+
+def engine_logprobs(
+    model, prompt_ids: list[list[int]], prompt_index, tokens, *, pad_id: int, dtype="auto",
+    batch_tokens: int | None = None, progress: bool = False, desc: str = "log-probs",
+) -> list[np.ndarray]:
+    """Per-token log-probs of each completion ``tokens[k]`` after prompt ``prompt_index[k]`` (engine)."""
+    seqs = _sequences(prompt_ids, prompt_index, tokens)
+    empty = [k for k, s in enumerate(seqs) if len(s.ids) == s.start]
+    if empty:
+        raise DataError(f"Row {empty[0]} has no completion tokens to score.")
+    return token_logprobs(
+        model, seqs, batch_tokens=batch_tokens, pad_id=pad_id, autocast_dtype=_autocast_dtype(model, dtype),
+        progress=progress, desc=desc,
+    )
+
+
+def completion_logprobs(
+    model,
+    samples: pd.DataFrame,
+    *,
+    tokenizer=None,
+    chat_template_kwargs: dict | None = None,
+    batch_tokens: int | None = None,
+    device="auto",
+    dtype="auto",
+    progress: bool = True,
+    trust_remote_code: bool = False,
+) -> np.ndarray:
+    """Summed log-prob under ``model`` of each sampled completion (its ``tokens``) after its prompt.
+
+    The reference side of a KL estimate: with samples from a policy ``pi`` (:func:`sample`),
+    ``samples["logp"] - completion_logprobs(reference, samples)`` is the per-sample log-ratio
+    ``log pi(y|x) - log pi_ref(y|x)`` whose mean estimates ``KL(pi || pi_ref)`` (Gao et al. 2022;
+    Schulman 2020, "Approximating KL Divergence"). The exact token ids are scored (no re-tokenising
+    of the text), EOS included when the sample has one, by rmlab's engine.
+
+    Args:
+        model: a causal LM or a hub name / local path; it must share the sampler's tokenizer.
+        samples: a frame from :func:`sample` (columns ``prompt`` and ``tokens``).
+        tokenizer: the tokenizer the samples were drawn with (loaded from ``model`` if None).
+        chat_template_kwargs, batch_tokens, device, dtype, progress, trust_remote_code: as in
+            :func:`sample`.
+
+    Returns:
+        A float64 array, one value per row of ``samples``.
+    """
+    if not isinstance(samples, pd.DataFrame) or not {"prompt", "tokens"} <= set(samples.columns):
+        raise DataError("samples must be a frame from rmlab.sample (with 'prompt' and 'tokens' columns).")
+    prompts, fmt = check_prompts(list(samples["prompt"]))
+    lm = load_causal_lm(model, role="model", device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    tok = load_tokenizer(tokenizer, model, role="model", trust_remote_code=trust_remote_code)
+    check_vocab_covers(lm, tok, role="model")
+    prompt_ids = encode_prompts(prompts, fmt, tok, chat_template_kwargs)
+    tokens = [to_python(t) for t in samples["tokens"]]
+    vocab = lm.get_output_embeddings().weight.shape[0]
+    for k, toks in enumerate(tokens):
+        if not isinstance(toks, list) or not toks or not all(0 <= int(t) < vocab for t in toks):
+            raise DataError(f"Row {k}, column 'tokens' must be a non-empty list of token ids below {vocab}.")
+    limit = context_length(lm)
+    if limit is not None:
+        for k, (p, toks) in enumerate(zip(prompt_ids, tokens)):
+            if len(p) + len(toks) > limit:
+                raise DataError(f"Row {k}: prompt+completion is {len(p) + len(toks)} tokens; the model accepts {limit}.")
+    values = engine_logprobs(
+        lm, prompt_ids, range(len(prompt_ids)), tokens, pad_id=_pad_id(tok), dtype=dtype,
+        batch_tokens=batch_tokens, progress=progress,
+    )
+    return np.array([float(v.astype(np.float64).sum()) for v in values])
+
+
+# --------------------------------------------------------------------------------------------------
+# cache
+# --------------------------------------------------------------------------------------------------
+_DIGESTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def weights_digest(model) -> str:
+    """A digest of the model's class, config and every tensor of its state dict (exact bytes).
+
+    Cached per model object and recomputed when a parameter is changed in place (training).
+    Costs one read of the weights (about 1 GB/s on a CPU).
+    """
+    state = model.state_dict()
+    versions = tuple(t._version for t in state.values())
+    hit = _DIGESTS.get(model)
+    if hit is not None and hit[0] == versions:
+        return hit[1]
+    h = hashlib.blake2b(digest_size=16)
+    config = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
+    h.update(type(model).__name__.encode())
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, tensor in state.items():
+        h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        h.update(tensor.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    digest = h.hexdigest()
+    _DIGESTS[model] = (versions, digest)
+    return digest
+
+
+def tokenizer_digest(tokenizer) -> str:
+    """A digest of what decides a tokenizer's ids and text: its full definition and chat template."""
+    h = hashlib.blake2b(digest_size=16)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(type(tokenizer).__name__.encode())
+    h.update(str(getattr(tokenizer, "chat_template", None)).encode())
+    h.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+class _Cache:
+    """Chunks of finished rows as parquet files in one folder per fingerprint."""
+
+    def __init__(self, root, meta: dict):
+        self.meta = meta
+        key = hashlib.blake2b(json.dumps(meta, sort_keys=True).encode(), digest_size=12).hexdigest()
+        self.dir = Path(root) / f"samples-{key}"
+
+    def load(self) -> pd.DataFrame | None:
+        files = sorted(self.dir.glob("rows-*.parquet")) if self.dir.exists() else []
+        if not files:
+            return None
+        frame = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+        frame["tokens"] = [list(map(int, t)) for t in frame["tokens"]]
+        return frame.drop_duplicates(["prompt_index", "sample"], keep="first").reset_index(drop=True)
+
+    def save(self, chunk: pd.DataFrame) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        meta_path = self.dir / "meta.json"
+        if not meta_path.exists():
+            meta_path.write_text(json.dumps(self.meta, indent=1, sort_keys=True))
+        k = len(list(self.dir.glob("rows-*.parquet")))
+        while (self.dir / f"rows-{k:06d}.parquet").exists():
+            k += 1
+        final = self.dir / f"rows-{k:06d}.parquet"
+        tmp = final.with_suffix(".tmp")
+        chunk.to_parquet(tmp, index=False)
+        os.replace(tmp, final)  # atomic: a chunk is either complete on disk or absent
+
+
+# --------------------------------------------------------------------------------------------------
+# batch sizes
+# --------------------------------------------------------------------------------------------------
+def _kv_bytes_per_token(model) -> int:
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None) or 12
+    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None) or 768
+    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None) or 12
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    elem = torch.finfo(next(model.parameters()).dtype).bits // 8
+    return max(1, 2 * layers * kv_heads * head_dim * elem)
+
+
+def default_batch(model) -> tuple[int, int]:
+    """``(batch_tokens, batch_size)`` for sampling: the KV cache within ~1 GiB on a CPU (40% of free
+    memory on CUDA) and the per-row logits within a quarter of that; at most 256 rows on a CPU."""
+    dev = model_device(model)
+    if dev.type == "cuda":
+        budget = int(0.4 * torch.cuda.mem_get_info(dev)[0])
+    else:
+        budget = 1 << 30
+    vocab = model.get_output_embeddings().weight.shape[0]
+    rows = max(1, budget // 4 // (vocab * 24))
+    if dev.type != "cuda":
+        rows = min(rows, 256)
+    return max(1, budget // _kv_bytes_per_token(model)), rows
+
+
+# --------------------------------------------------------------------------------------------------
+# the public call
+# --------------------------------------------------------------------------------------------------
+def _vllm_available() -> tuple[bool, str]:
+    if importlib.util.find_spec("vllm") is None:
+        return False, "vllm is not installed (pip install vllm, on a machine with a CUDA GPU)"
+    if not torch.cuda.is_available():
+        return False, "vllm needs a CUDA GPU and none is available"
+    return True, ""
+
+
+def _frame(prompt_index, samples, completions, tokens, finished, logp) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "prompt_index": np.asarray(prompt_index, dtype=np.int64),
+            "sample": np.asarray(samples, dtype=np.int64),
+            "completion": list(completions),
+            "tokens": list(tokens),
+            "n_tokens": np.array([len(t) for t in tokens], dtype=np.int64),
+            "finished": np.asarray(finished, dtype=bool),
+            "logp": np.asarray(logp, dtype=np.float64),
+        }
+    )
+
+
+def _assemble(chunks: list[pd.DataFrame], prompts: list, n: int, fmt: str, settings: dict) -> pd.DataFrame:
+    if chunks:
+        frame = pd.concat(chunks, ignore_index=True)
+    else:
+        frame = _frame([], [], [], [], [], [])
+    frame = frame[frame["sample"] < n].sort_values(["prompt_index", "sample"], kind="stable").reset_index(drop=True)
+    frame.insert(1, "prompt", [prompts[i] for i in frame["prompt_index"]])
+    frame = frame[list(SAMPLE_COLUMNS)]
+    frame.attrs.update(kind="samples", format=fmt, **settings)
+    return frame
+
+
+def sample(
+    policy,
+    prompts,
+    *,
+    n: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    tokenizer=None,
+    batch_size: int | None = None,
+    batch_tokens: int | None = None,
+    backend: str = "hf",
+    cache_dir: str | os.PathLike | None = None,
+    logprobs: bool = True,
+    eos_token_id: int | Sequence[int] | None = None,
+    chat_template_kwargs: dict | None = None,
+    on_chunk: Callable[[pd.DataFrame], None] | None = None,
+    progress: bool = True,
+    device="auto",
+    dtype="auto",
+    trust_remote_code: bool = False,
+    vllm_kwargs: dict | None = None,
+) -> pd.DataFrame:
+    """Sample ``n`` completions per prompt from a causal LM, batched across prompts and samples.
+
+    Ancestral sampling from ``pi(y | x)`` (optionally with temperature and nucleus / top-p
+    filtering, Holtzman et al. 2020), the samples that estimate ``KL(pi || pi_ref)`` along training
+    checkpoints and feed best-of-n pools (Gao et al. 2022, "Scaling Laws for Reward Model
+    Overoptimization"). See the module docstring for how batching, seeding and resuming work.
+
+    Args:
+        policy: a causal LM (``PreTrainedModel``) or a hub name / local path.
+        prompts: a list of strings, or of chat conversations (lists of ``{"role", "content"}``
+            messages; the chat template is applied with the generation prompt). A frame with a
+            ``prompt`` column works too.
+        n: completions per prompt (>= 1).
+        max_new_tokens: the longest completion, in tokens, stop token included.
+        temperature: divides the logits before sampling (> 0; 1.0 samples the policy itself).
+        top_p: keep the smallest set of most likely tokens whose probability reaches ``top_p``
+            (in (0, 1]; 1.0 keeps everything).
+        seed: one integer decides every sample (see "Reproducibility" below).
+        tokenizer: the policy's tokenizer (loaded from the policy's path if None).
+        batch_size: at most this many completions decode together (default: what fits the
+            memory budget, at most 256 on a CPU).
+        batch_tokens: at most ``rows * (longest prompt + max_new_tokens)`` tokens per batch
+            (default: a KV cache of about 1 GiB on a CPU, 40% of free memory on CUDA).
+        backend: ``"hf"`` (this module's batched decoding with transformers models) or
+            ``"vllm"`` (a thin, optional path through vLLM's engine; needs vllm and a CUDA GPU;
+            **not covered by rmlab's tests**). Log-probs always come from rmlab's engine.
+        cache_dir: write every finished batch there (parquet, one folder per fingerprint of
+            weights + tokenizer + prompts + settings) and skip rows already there: an interrupted
+            call resumes where it stopped, and a later call with a larger ``n`` only samples the
+            new rows.
+        logprobs: compute the ``logp`` column (one extra batched forward pass); False leaves it NaN.
+        eos_token_id: id(s) that end a completion (default: the model's generation config's EOS
+            ids and the tokenizer's EOS).
+        chat_template_kwargs: extra arguments for ``apply_chat_template``.
+        on_chunk: called with each finished chunk's rows (after it is saved), e.g. to log progress.
+        progress: show a tqdm progress bar (completions).
+        device, dtype, trust_remote_code: as in :func:`rmlab.implicit_rewards`.
+        vllm_kwargs: extra arguments for ``vllm.LLM`` (backend ``"vllm"`` only).
+
+    Returns:
+        One row per completion, ordered by prompt then sample: ``prompt_index`` (position in
+        ``prompts``), ``prompt`` (as given), ``sample`` (0..n-1), ``completion`` (decoded text of the
+        generated tokens, without the prompt, the stop token or any other special token),
+        ``tokens`` (the generated ids, **stop token included when generated**), ``n_tokens``
+        (``len(tokens)``), ``finished`` (True when a stop token ended the completion before
+        ``max_new_tokens``; False when it was cut at ``max_new_tokens``), ``logp`` (the
+        policy's log-prob of ``tokens`` given the prompt, summed, EOS included when generated).
+
+    ``logp`` is the log-prob under the **policy itself** (temperature 1, no top-p), computed by
+    rmlab's engine on the exact sampled ids: the number :func:`rmlab.implicit_rewards` reports
+    with ``reference_free=True`` for the same ids (the same text re-tokenised gives the same ids in
+    all but rare non-canonical tokenisations). With ``temperature != 1`` or ``top_p < 1`` the
+    samples do not come from the policy, so the mean of ``logp - ref_logp`` over them is not
+    ``KL(pi || ref)``.
+
+    Reproducibility: the same seed gives the same samples for the same prompts and settings on a
+    machine, exactly. Randomness is drawn per (prompt, sample, step), so ``batch_size`` and
+    ``batch_tokens`` leave the samples unchanged except where floating-point noise (~1e-7) meets a
+    random number at a boundary of the cumulative distribution.
+
+    Interrupts: without ``cache_dir``, a ``KeyboardInterrupt`` raises :class:`SamplingInterrupted`,
+    whose ``partial`` attribute holds every finished completion (in a notebook:
+    ``sys.last_value.partial``); with ``cache_dir`` they are on disk too and the same call resumes.
+
+    Raises:
+        DataError: empty or malformed prompts, a prompt too long for ``max_new_tokens`` more tokens.
+        ArgumentError: ``n < 1``, ``max_new_tokens < 1``, ``temperature <= 0``, ``top_p`` outside
+            (0, 1], an unknown backend (with the closest name), vllm unavailable.
+        ModelError, TokenizerError: a model that is not a causal LM, a tokenizer that does not fit.
+
+    Example:
+        >>> import rmlab
+        >>> from rmlab.toy import tiny_causal_lm, tiny_tokenizer
+        >>> frame = rmlab.sample(tiny_causal_lm(), ["The movie was"], n=2, max_new_tokens=4,
+        ...                      tokenizer=tiny_tokenizer(), progress=False)
+        >>> list(frame.columns)
+        ['prompt_index', 'prompt', 'sample', 'completion', 'tokens', 'n_tokens', 'finished', 'logp']
+    """
+    n, max_new_tokens, temperature, top_p, seed = check_settings(
+        n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+        batch_size=batch_size, batch_tokens=batch_tokens, backend=backend,
+    )
+    prompts, fmt = check_prompts(prompts)
+    if on_chunk is not None and not callable(on_chunk):
+        raise ArgumentError(f"on_chunk={on_chunk!r} must be a callable taking a DataFrame (or None).")
+    if backend == "vllm":
+        ok, why = _vllm_available()
+        if not ok:
+            raise ArgumentError(f"backend='vllm' cannot run here: {why}. Use backend='hf'.")
+        if not isinstance(policy, (str, os.PathLike)):
+            raise ArgumentError("backend='vllm' loads the model itself: pass the policy as a hub name or local path.")
+    model = load_causal_lm(policy, role="policy", device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    tok = load_tokenizer(tokenizer, policy, role="policy", trust_remote_code=trust_remote_code)
+    check_vocab_covers(model, tok, role="policy")
+    prompt_ids = encode_prompts(prompts, fmt, tok, chat_template_kwargs)
+    check_prompt_context(prompt_ids, model, max_new_tokens)
+    stops = stop_token_ids(eos_token_id, model, tok)
+    pad_id = _pad_id(tok)
+    settings = dict(n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, backend=backend)
+
+    cache = None
+    if cache_dir is not None:
+        dev = model_device(model)
+        cache = _Cache(
+            cache_dir,
+            {
+                "sampler_version": SAMPLER_VERSION,
+                "backend": backend,
+                "model": weights_digest(model),
+                "tokenizer": tokenizer_digest(tok),
+                "prompt_ids": hashlib.blake2b(json.dumps(prompt_ids).encode(), digest_size=16).hexdigest(),
+                "prompts": len(prompt_ids),
+                "max_new_tokens": max_new_tokens,
+                "temperature": temperature,
+                "top_p": top_p,
+                "seed": seed,
+                "stop_ids": stops,
+                "device": dev.type,
+                "compute_dtype": str(_autocast_dtype(model, dtype) or next(model.parameters()).dtype),
+            },
+        )
+
+    chunks: list[pd.DataFrame] = []
+    done: set[int] = set()
+    if cache is not None:
+        cached = cache.load()
+        if cached is not None:
+            cached = cached[cached["sample"] < n].reset_index(drop=True)
+            if logprobs and cached["logp"].isna().any():
+                missing = cached["logp"].isna().to_numpy()
+                sub = cached[missing]
+                values = engine_logprobs(
+                    model, prompt_ids, sub["prompt_index"], sub["tokens"], pad_id=pad_id, dtype=dtype,
+                    batch_tokens=batch_tokens,
+                )
+                cached.loc[missing, "logp"] = [float(v.astype(np.float64).sum()) for v in values]
+            chunks.append(cached)
+            done = set((cached["prompt_index"] * n + cached["sample"]).tolist())
+
+    # rows r = i * n + k (prompt i, sample k); batches of similar prompt length under the budget
+    total_rows = len(prompt_ids) * n
+    default_tokens, default_rows = default_batch(model)
+    lengths = [len(prompt_ids[r // n]) + max_new_tokens for r in range(total_rows)]
+    plan = length_batches(lengths, batch_tokens or default_tokens, max_items=batch_size or default_rows)
+    todo = total_rows - len(done)
+    bar = tqdm(total=todo, desc="sampling", unit="sample", disable=not progress or todo == 0, leave=False)
+    autocast = _autocast(model, dtype)
+    llm = None
+    try:
+        for batch in plan:
+            rows = [r for r in batch if r not in done]
+            if not rows:
+                continue
+            p_index = [r // n for r in rows]
+            s_index = [r % n for r in rows]
+            keys = row_keys(seed, p_index, s_index)
+            if backend == "vllm":
+                if llm is None:
+                    llm = _vllm_engine(policy, tok, dtype, vllm_kwargs)
+                tokens, finished = _vllm_batch(
+                    llm, [prompt_ids[i] for i in p_index], keys, max_new_tokens=max_new_tokens,
+                    temperature=temperature, top_p=top_p, stop_ids=stops,
+                )
+                bar.update(len(rows))
+                sampler_lp = None
+            else:
+                with torch.inference_mode(), autocast:
+                    tokens, finished, sampler_lp = decode_batch(
+                        model, [prompt_ids[i] for i in p_index], row_uniforms(keys, max_new_tokens),
+                        temperature=temperature, top_p=top_p, stop_ids=stops, pad_id=pad_id,
+                        on_finished=bar.update,
+                    )
+            if logprobs:
+                values = engine_logprobs(
+                    model, prompt_ids, p_index, tokens, pad_id=pad_id, dtype=dtype, batch_tokens=batch_tokens
+                )
+                if sampler_lp is not None:
+                    _check_sampler(model, sampler_lp, values)
+                logp = [float(v.astype(np.float64).sum()) for v in values]
+            else:
+                logp = [np.nan] * len(rows)
+            texts = tok.batch_decode(
+                [t[:-1] if f else t for t, f in zip(tokens, finished)], skip_special_tokens=True
+            )
+            chunk = _frame(p_index, s_index, texts, tokens, finished, logp)
+            if cache is not None:
+                cache.save(chunk)
+            chunks.append(chunk)
+            done.update(rows)
+            if on_chunk is not None:
+                on_chunk(chunk.copy())
+    except KeyboardInterrupt as err:
+        partial = _assemble(chunks, prompts, n, fmt, settings)
+        where = (
+            f" They are saved in {str(cache.dir)!r}: call again with the same arguments to resume."
+            if cache is not None
+            else " Pass cache_dir=... to keep finished batches on disk and resume."
+        )
+        raise SamplingInterrupted(
+            f"Sampling interrupted after {len(partial)} of {total_rows} completions; the finished ones "
+            f"are in this exception's .partial (in a notebook: sys.last_value.partial).{where}",
+            partial,
+        ) from err
+    finally:
+        bar.close()
+    return _assemble(chunks, prompts, n, fmt, settings)
+
+
+# --------------------------------------------------------------------------------------------------
+# vLLM (optional, untested here: rmlab's CI has no GPU)
+# --------------------------------------------------------------------------------------------------
+def _vllm_engine(policy, tokenizer, dtype, vllm_kwargs):  # pragma: no cover - needs vllm and a GPU
+    from vllm import LLM
+
+    kwargs = {"gpu_memory_utilization": 0.5, "dtype": "auto" if dtype in (None, "auto") else str(dtype).replace("torch.", "")}
+    kwargs.update(vllm_kwargs or {})
+    return LLM(model=str(policy), tokenizer=getattr(tokenizer, "name_or_path", None) or str(policy), **kwargs)
+
+
+def _vllm_batch(llm, prompt_ids, keys, *, max_new_tokens, temperature, top_p, stop_ids):  # pragma: no cover
+    """One request per row, each with its own seed from the row key (batch-size invariant)."""
+    from vllm import SamplingParams
+
+    params = [
+        SamplingParams(
+            n=1, temperature=temperature, top_p=top_p, top_k=-1, max_tokens=max_new_tokens,
+            seed=int(k >> np.uint64(2)), stop_token_ids=list(stop_ids), ignore_eos=not stop_ids,
+            skip_special_tokens=True,
+        )
+        for k in keys
+    ]
+    outputs = llm.generate([{"prompt_token_ids": list(p)} for p in prompt_ids], params, use_tqdm=False)
+    tokens, finished = [], []
+    for out in outputs:
+        c = out.outputs[0]
+        ids = [int(t) for t in c.token_ids]
+        stopped = c.finish_reason == "stop"
+        if stopped and (not ids or ids[-1] not in stop_ids) and isinstance(c.stop_reason, int):
+            ids.append(int(c.stop_reason))
+        elif stopped and (not ids or ids[-1] not in stop_ids) and stop_ids:
+            ids.append(int(stop_ids[0]))  # EOS ends the request without being listed
+        tokens.append(ids)
+        finished.append(stopped)
+    return tokens, finished
+
+
+__all__ = [
+    "SAMPLE_COLUMNS",
+    "SamplingInterrupted",
+    "completion_logprobs",
+    "sample",
+]
