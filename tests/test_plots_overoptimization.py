@@ -93,3 +93,25 @@ def test_bad_inputs():
     frame = pd.DataFrame({"kl": [0.0, 1.0], "proxy": [0.0, 1.0], "gold": [0.0, 0.5]})
     with pytest.raises(ArgumentError, match="fit_overoptimization"):
         plots.overoptimization_curve(frame, fit="not a fit")
+
+
+def test_checkpoint_curves_one_gold_and_one_proxy_line_per_beta():
+    frame = pd.DataFrame(
+        {
+            "checkpoint": ["a", "b", "c", "d"],
+            "beta": [0.1, 0.1, 0.5, 0.5],
+            "step": [100, 50, 50, 100],
+            "kl": [4.0, 1.0, 0.25, 0.0],
+            "gold": [1.0, 2.0, 3.0, 4.0],
+            "gold_se": [0.1] * 4,
+            "proxy": [5.0, 6.0, 7.0, 8.0],
+        }
+    )
+    fig = plots.checkpoint_curves(frame)
+    assert [t.name for t in fig.data] == ["gold, beta=0.1", "proxy, beta=0.1", "gold, beta=0.5", "proxy, beta=0.5"]
+    gold_01 = fig.data[0]
+    assert list(gold_01.x) == [1.0, 2.0] and list(gold_01.y) == [2.0, 1.0]  # sorted by step: 50 then 100
+    assert list(gold_01.text) == ["50", "100"] and list(gold_01.error_y.array) == [0.1, 0.1]
+    assert fig.data[1].error_y.array is None
+    with pytest.raises(DataError, match="rmlab.checkpoint_curve"):
+        plots.checkpoint_curves(frame.drop(columns="gold"))

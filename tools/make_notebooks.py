@@ -446,6 +446,114 @@ def displacement_notebook():
     return new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
 
 
+def overoptimization_notebook():
+    cells = [
+        new_markdown_cell(
+            "# Reward overoptimization: the proxy keeps rising, the true reward does not\n\n"
+            "Optimising against a learned reward model (the *proxy*) works at first and then goes wrong: as the policy "
+            "moves away from where it started, the proxy reward keeps rising while the true (*gold*) reward peaks and "
+            "falls (Gao et al. 2022, *Scaling Laws for Reward Model Overoptimization*). Distance is measured by "
+            "$d = \\sqrt{\\mathrm{KL}(\\pi \\,\\|\\, \\pi_{\\text{init}})}$, and Gao et al. fit\n\n"
+            "$$R_{\\text{bon}}(d) = d(\\alpha - \\beta d), \\qquad R_{\\text{RL}}(d) = d(\\alpha - \\beta \\log d).$$\n\n"
+            "**Best-of-n** is the simplest optimiser: sample $n$ responses, keep the one the proxy likes best. Its KL "
+            "is $\\log n - (n-1)/n$ (an upper bound on the true KL; Beirami et al. 2024). The toy world's gold reward is "
+            "known, and its proxies were trained on short responses only, so they never saw that long, repetitive "
+            "reviews are bad: a small-scale version of length hacking."
+        ),
+        new_code_cell(
+            "import pandas as pd\n"
+            "import rmlab\n"
+            "from rmlab import plots\n"
+            "from rmlab.toy import load\n\n"
+            "world = load()\n"
+            "policy, tokenizer = world.sft, world.tokenizer\n"
+            "proxy, proxies, gold = world.reward_models[0], world.reward_models, world.gold  # gold: texts -> scores\n"
+            "prompts = world.prompts[:8]"
+        ),
+        new_markdown_cell(
+            "**To use your own models**, replace the cell above, e.g.\n\n"
+            "```python\n"
+            "policy, tokenizer = \"my-org/sft-model\", None\n"
+            "proxy = \"my-org/reward-model\"                  # the reward model being optimised\n"
+            "proxies = [proxy, \"my-org/rm-seed-1\", \"my-org/rm-seed-2\"]\n"
+            "gold = \"my-org/bigger-reward-model\"            # a stronger RM standing in for human judgement\n"
+            "prompts = [...]\n"
+            "```"
+        ),
+        new_markdown_cell(
+            "## Sampling and best-of-n\n"
+            "`rmlab.sample` draws completions for all prompts and samples in batches, with the policy's log-probs. "
+            "`best_of_n` scores them with the proxy and gold and computes, for every n, the expected rewards of the "
+            "best-of-n choice with the **unbiased** estimator over the whole pool (not by drawing random subsets)."
+        ),
+        new_code_cell(
+            "samples = rmlab.sample(policy, prompts, n=64, max_new_tokens=48, tokenizer=tokenizer, seed=0)\n"
+            "samples[['prompt', 'sample', 'completion', 'logp']].head()"
+        ),
+        new_code_cell(
+            "curve = rmlab.best_of_n(samples, proxy=proxy, gold=gold, tokenizer=tokenizer)\n"
+            "plots.overoptimization_curve(curve)"
+        ),
+        new_markdown_cell(
+            "64 samples per prompt do not reach far. The toy world ships a pool of 512 samples for each of its 96 "
+            "prompts, scored by proxy 0 and by gold, to go to n = 256."
+        ),
+        new_code_cell(
+            "pool = pd.read_parquet(world.root / 'bon_pool.parquet')   # prompt, completion, proxy, gold, words\n"
+            "ns = [1, 2, 4, 8, 16, 32, 64, 128, 256]\n"
+            "big = rmlab.best_of_n(pool, proxy='proxy', gold='gold', n_values=ns, values=['words'])\n"
+            "fit = rmlab.fit_overoptimization(big, form='bon')\n"
+            "print(fit)\n"
+            "plots.overoptimization_curve(big, fit=fit)"
+        ),
+        new_code_cell("big[['n', 'kl', 'proxy', 'gold', 'gold_se', 'words']].round(3)"),
+        new_markdown_cell(
+            "**What to look for:** the proxy rises monotonically, gold peaks at a small n and then falls below where "
+            "it started, while the chosen reviews get longer (`words`): the proxy learned \"longer is better\" from "
+            "short training pairs and cannot see where gold turns. The fit's R² says how well Gao et al.'s form "
+            "explains it, and `peak_kl` where to stop."
+        ),
+        new_markdown_cell(
+            "## Do ensembles help?\n"
+            "Coste et al. (2023) optimise against an **ensemble** of reward models: the mean, the worst case (min), "
+            "or the uncertainty-weighted mean $\\mu - \\lambda\\sigma^2$. Score a part of the pool with all three "
+            "proxies and compare where gold peaks."
+        ),
+        new_code_cell(
+            "part = pool[pool.prompt.isin(pool.prompt.unique()[:12])].copy()\n"
+            "for k, rm in enumerate(proxies):\n"
+            "    part[f'rm{k}'] = rmlab.reward_scores(rm, part[['prompt', 'completion']], tokenizer=tokenizer)['score'].to_numpy()\n"
+            "members = ['rm0', 'rm1', 'rm2']\n"
+            "choices = {'proxy 0': 'rm0', 'mean': rmlab.ensemble(members, 'mean'),\n"
+            "           'worst': rmlab.ensemble(members, 'worst'), 'uwo': rmlab.ensemble(members, 'uwo', lam=0.5)}\n"
+            "compared = rmlab.best_of_n(part, proxy=choices, gold='gold', n_values=ns)\n"
+            "compared.pivot(index='n', columns='proxy_name', values='gold').round(2)"
+        ),
+        new_code_cell("plots.overoptimization_curve(compared)"),
+        new_markdown_cell(
+            "## DPO checkpoints\n"
+            "Direct alignment algorithms overoptimise too (Rafailov et al. 2024). For each saved DPO checkpoint "
+            "(three betas, every 50 steps), `checkpoint_curve` samples from the checkpoint, estimates "
+            "$\\mathrm{KL}(\\pi\\,\\|\\,\\pi_{\\text{ref}})$ from those samples (with its standard error) and scores them "
+            "with the proxy and gold."
+        ),
+        new_code_cell(
+            "checkpoints = rmlab.checkpoint_curve(world.checkpoints, world.sft, world.prompts[:12], proxy=proxy, gold=gold,\n"
+            "                                     n_samples=8, max_new_tokens=48, tokenizer=tokenizer)\n"
+            "checkpoints[['beta', 'step', 'kl', 'kl_se', 'proxy', 'gold']].round(2)"
+        ),
+        new_code_cell("plots.checkpoint_curves(checkpoints)"),
+        new_markdown_cell(
+            "**What to look for:** in the toy world the DPO policies move far from the SFT model early (the first "
+            "checkpoint has the largest KL) and then partly come back, while their gold reward stays well above the "
+            "SFT's: DPO on these pairs improves the true reward, and the proxy, which only saw short responses, "
+            "under-rates the change. Overoptimization is a property of the optimiser *and* the data: best-of-n "
+            "searches exactly where the proxy is blind, DPO stays near its preference data."
+        ),
+    ]
+    return new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+
+
 def _write(notebook, name: str) -> None:
     """Write with stable cell ids (derived from the file name and position), so regenerating an
     unchanged notebook changes nothing."""
@@ -461,6 +569,7 @@ def main() -> None:
     _write(reward_model_notebook(), "02_reading_a_reward_model.ipynb")
     _write(entanglement_notebook(), "03_gradient_entanglement.ipynb")
     _write(displacement_notebook(), "04_likelihood_displacement.ipynb")
+    _write(overoptimization_notebook(), "05_overoptimization.ipynb")
 
 
 if __name__ == "__main__":

@@ -6,12 +6,13 @@ from rmlab.plots.entanglement import (
     entanglement_scatter,
     similarity_matrix,
 )
-from rmlab.plots.overoptimization import overoptimization_curve
+from rmlab.plots.overoptimization import checkpoint_curves, overoptimization_curve
 from rmlab.plots.reward_model import calibration_diagram, length_bias, preference_strength_map
 from rmlab.plots.rewards import reward_margins, token_reward_text
 
 __all__ = [
     "calibration_diagram",
+    "checkpoint_curves",
     "ches_vs_change",
     "displacement_trajectories",
     "entanglement_scatter",

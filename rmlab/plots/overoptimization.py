@@ -146,3 +146,47 @@ def overoptimization_curve(
         )
         fig.update_layout(margin=dict(b=90))
     return fig
+
+
+def checkpoint_curves(frame: pd.DataFrame, *, by: str = "beta", title: str | None = None) -> go.Figure:
+    """Gold and proxy reward of policy checkpoints against sqrt(KL(pi || pi_ref)), one line per ``by``.
+
+    Args:
+        frame: from :func:`rmlab.checkpoint_curve` (``kl``, ``gold``, ``proxy``, their ``*_se``,
+            ``checkpoint``, and ``by`` / ``step`` when the labels carry them).
+        by: the column whose values get separate lines (e.g. ``"beta"``); ``None`` for one line.
+        title: figure title.
+
+    Direct alignment algorithms overoptimise too (Rafailov et al. 2024, "Scaling Laws for Reward
+    Model Overoptimization in Direct Alignment Algorithms"): along training, and across betas, the
+    gold reward can peak and fall while KL grows. Here KL is estimated from each checkpoint's own
+    samples (not the best-of-n bound), with its standard error as horizontal bars.
+    """
+    _require(frame, ["kl", "gold", "proxy"], "rmlab.checkpoint_curve")
+    data = frame.copy()
+    data["sqrt_kl"] = np.sqrt(np.clip(data["kl"].to_numpy(float), 0, None))
+    groups = data.groupby(by, sort=True) if by and by in data.columns else [(None, data)]
+    palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
+    fig = go.Figure()
+    for k, (value, part) in enumerate(groups):
+        part = part.sort_values("step" if "step" in part.columns else "kl")
+        color = palette[k % len(palette)]
+        name = f"{by}={value:g}" if value is not None and isinstance(value, (int, float)) else str(value or "checkpoints")
+        labels = part["step"].astype(str) if "step" in part.columns else part.get("checkpoint", part.index).astype(str)
+        for column, dash in (("gold", "solid"), ("proxy", "dash")):
+            se = part.get(f"{column}_se")
+            fig.add_trace(
+                go.Scatter(
+                    x=part["sqrt_kl"], y=part[column], mode="lines+markers+text", text=labels,
+                    textposition="top center", textfont=dict(size=9, color=color),
+                    line=dict(color=color, dash=dash), name=f"{column}, {name}", legendgroup=name,
+                    error_y=dict(type="data", array=se.to_numpy(float)) if se is not None else None,
+                    hovertemplate=f"{name}<br>step %{{text}}<br>sqrt KL %{{x:.3f}}<br>{column} %{{y:.3f}}<extra></extra>",
+                )
+            )
+    fig.update_layout(
+        title=title or "Checkpoints: gold (solid) and proxy (dashed) reward against KL to the reference",
+        xaxis_title="sqrt(KL(π || π_ref)), estimated from the policy's own samples",
+        yaxis_title="reward", legend=dict(orientation="h", y=-0.2),
+    )
+    return fig
