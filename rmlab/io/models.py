@@ -81,6 +81,33 @@ def _describe(model) -> str:
     return type(model).__name__
 
 
+def _loaded(auto_class, model, what: str, *, device, dtype, trust_remote_code, use_safetensors, revision):
+    """``model`` loaded with ``auto_class`` when it is a name or path (on ``device``, in ``dtype``),
+    else the object itself, moved only when a device is named."""
+    if isinstance(model, (str, os.PathLike)):
+        target = resolve_device(device)
+        try:
+            loaded = auto_class.from_pretrained(
+                str(model),
+                dtype=resolve_dtype(dtype, target),
+                trust_remote_code=trust_remote_code,
+                use_safetensors=use_safetensors,
+                revision=revision,
+            )
+        except (OSError, ValueError) as err:
+            hint = ""
+            if use_safetensors and "safetensors" in str(err).lower():
+                hint = (
+                    " The repository may only have pickled weights: pass use_safetensors=False if "
+                    "you trust its source."
+                )
+            raise ModelError(f"Could not load the {what} {str(model)!r}: {err}{hint}") from err
+        return loaded.to(target)
+    if device not in (None, "auto"):
+        return model.to(resolve_device(device))
+    return model
+
+
 def load_causal_lm(
     model,
     *,
@@ -107,27 +134,10 @@ def load_causal_lm(
     Raises:
         ModelError: the object is not a causal LM (e.g. a sequence classifier), or loading failed.
     """
-    if isinstance(model, (str, os.PathLike)):
-        target = resolve_device(device)
-        try:
-            loaded = AutoModelForCausalLM.from_pretrained(
-                str(model),
-                dtype=resolve_dtype(dtype, target),
-                trust_remote_code=trust_remote_code,
-                use_safetensors=use_safetensors,
-                revision=revision,
-            )
-        except (OSError, ValueError) as err:
-            hint = ""
-            if use_safetensors and "safetensors" in str(err).lower():
-                hint = (
-                    " The repository may only have pickled weights: pass use_safetensors=False if "
-                    "you trust its source."
-                )
-            raise ModelError(f"Could not load the {role} model {str(model)!r}: {err}{hint}") from err
-        model = loaded.to(target)
-    elif device not in (None, "auto"):
-        model = model.to(resolve_device(device))
+    model = _loaded(
+        AutoModelForCausalLM, model, f"{role} model", device=device, dtype=dtype,
+        trust_remote_code=trust_remote_code, use_safetensors=use_safetensors, revision=revision,
+    )
     if not is_causal_lm(model):
         raise ModelError(
             f"The {role} model is a {_describe(model)}, not a causal language model: implicit rewards "
@@ -161,27 +171,10 @@ def load_reward_model(
         ModelError: the object is a causal LM or anything else than a sequence classifier, or loading
             failed.
     """
-    if isinstance(model, (str, os.PathLike)):
-        target = resolve_device(device)
-        try:
-            loaded = AutoModelForSequenceClassification.from_pretrained(
-                str(model),
-                dtype=resolve_dtype(dtype, target),
-                trust_remote_code=trust_remote_code,
-                use_safetensors=use_safetensors,
-                revision=revision,
-            )
-        except (OSError, ValueError) as err:
-            hint = ""
-            if use_safetensors and "safetensors" in str(err).lower():
-                hint = (
-                    " The repository may only have pickled weights: pass use_safetensors=False if "
-                    "you trust its source."
-                )
-            raise ModelError(f"Could not load the {role} {str(model)!r}: {err}{hint}") from err
-        model = loaded.to(target)
-    elif device not in (None, "auto"):
-        model = model.to(resolve_device(device))
+    model = _loaded(
+        AutoModelForSequenceClassification, model, role, device=device, dtype=dtype,
+        trust_remote_code=trust_remote_code, use_safetensors=use_safetensors, revision=revision,
+    )
     if not is_reward_model(model):
         extra = (
             " It is a causal LM: a DPO policy's implicit reward is computed by rmlab.implicit_rewards "
