@@ -181,16 +181,24 @@ def score_sequences(
     Right padding with ``pad_id``; the model pools as it was trained (rightmost non-padding token
     for causal reward models, the class token for encoders).
     """
+    out = np.empty(len(sequences), dtype=np.float64)
+    batches = _padded_batches(model, sequences, pad_id, batch_tokens, autocast_dtype, progress, desc)
+    for batch, ids, mask, _ in batches:
+        out[batch] = model(input_ids=ids, attention_mask=mask).logits[:, label].float().cpu().numpy()
+    return out
+
+
+def _padded_batches(model, sequences, pad_id: int, batch_tokens, autocast_dtype, progress: bool, desc: str):
+    """Length-bucketed, right-padded batches on the model's device, run under ``inference_mode``
+    (and autocast when asked), with the model given ``pad_id`` as its padding token meanwhile.
+    Yields ``(indices, input_ids, attention_mask, pad_id used)``."""
     device = model_device(model)
     budget = batch_tokens or default_batch_tokens(device)
     batches = length_batches([len(s) for s in sequences], budget)
-    out = np.empty(len(sequences), dtype=np.float64)
     with pad_token(model, pad_id) as pad, torch.inference_mode(), autocast(device, autocast_dtype):
         for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
             ids, mask = pad_right([sequences[i] for i in batch], pad)
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-            out[batch] = logits[:, label].float().cpu().numpy()
-    return out
+            yield batch, ids.to(device), mask.to(device), pad
 
 
 # --------------------------------------------------------------------------------------------------
@@ -293,18 +301,13 @@ def position_scores(
     last non-padding token, as the model would pool the prefix. Callers check
     :func:`one_pass_problem` first.
     """
-    device = model_device(model)
-    budget = batch_tokens or default_batch_tokens(device)
-    batches = length_batches([len(s) for s in sequences], budget)
     out: list[np.ndarray] = [np.empty(0)] * len(sequences)
-    with pad_token(model, pad_id) as pad, torch.inference_mode(), autocast(device, autocast_dtype):
-        for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
-            ids, mask = pad_right([sequences[i] for i in batch], pad)
-            ids, mask = ids.to(device), mask.to(device)
-            scores = _all_positions(model, ids, mask, label)
-            scores = torch.gather(scores, 1, _pooled_index(ids, pad)).cpu().numpy().astype(np.float64)
-            for row, i in enumerate(batch):
-                out[i] = scores[row, : len(sequences[i])]
+    batches = _padded_batches(model, sequences, pad_id, batch_tokens, autocast_dtype, progress, desc)
+    for batch, ids, mask, pad in batches:
+        scores = _all_positions(model, ids, mask, label)
+        scores = torch.gather(scores, 1, _pooled_index(ids, pad)).cpu().numpy().astype(np.float64)
+        for row, i in enumerate(batch):
+            out[i] = scores[row, : len(sequences[i])]
     return out
 
 
@@ -368,7 +371,8 @@ def shared_prompt_problem(model, pad_id: int, label: int = 0) -> str | None:
     if problem is None:
         vocab = model.get_input_embeddings().weight.shape[0]
         generator = torch.Generator().manual_seed(1)
-        tokens = [int(t) if int(t) != pad_id else (pad_id + 1) % vocab for t in torch.randint(0, vocab, (14,), generator=generator)]
+        drawn = torch.randint(0, vocab, (14,), generator=generator).tolist()
+        tokens = [t if t != pad_id else (pad_id + 1) % vocab for t in drawn]
         prompts = [tokens[:5], tokens[5:7]]
         groups = [[tokens[7:10], tokens[10:14]], [tokens[7:11], tokens[11:12]]]
         try:
@@ -383,7 +387,10 @@ def shared_prompt_problem(model, pad_id: int, label: int = 0) -> str | None:
             worst = max(float(np.abs(a - b).max()) for a, b in zip(alone, got))
             scale = max(1.0, max(float(np.abs(a).max()) for a in alone))
             if worst > 1e-4 * scale:
-                problem = f"continuing from {type(model).__name__}'s KV cache changes the scores (by up to {worst:.2g})"
+                problem = (
+                    f"continuing from {type(model).__name__}'s KV cache changes the scores "
+                    f"(by up to {worst:.2g})"
+                )
     cached[key] = problem
     _SHARED[model] = cached
     return problem
@@ -416,7 +423,9 @@ def shared_prompt_scores(
     out: list[list[np.ndarray]] = [[] for _ in groups]
     with pad_token(model, pad_id) as pad, torch.inference_mode(), autocast(device, autocast_dtype):
         for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
-            raw = _shared_batch(model, [list(groups[i][0]) for i in batch], [[list(c) for c in groups[i][1]] for i in batch], pad, label)
+            prompts = [list(groups[i][0]) for i in batch]
+            continuations = [[list(c) for c in groups[i][1]] for i in batch]
+            raw = _shared_batch(model, prompts, continuations, pad, label)
             for i, scores in zip(batch, raw):
                 prompt = list(groups[i][0])
                 out[i] = [_pooled(prompt + list(c), s, pad) for c, s in zip(groups[i][1], scores)]
