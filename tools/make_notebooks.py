@@ -98,7 +98,7 @@ def implicit_rewards_notebook():
             "steps[steps.pair == 0]"
         ),
     ]
-    return new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+    return _notebook(cells)
 
 
 def reward_model_notebook():
@@ -241,7 +241,7 @@ def reward_model_notebook():
             "call the alignment gap."
         ),
     ]
-    return new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+    return _notebook(cells)
 
 
 def entanglement_notebook():
@@ -331,7 +331,7 @@ def entanglement_notebook():
             "print(f'{(off.inner < 0).mean():.0%} of cross-pair entries lower the other pair\\'s chosen log-prob')"
         ),
     ]
-    return new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+    return _notebook(cells)
 
 
 def displacement_notebook():
@@ -443,7 +443,7 @@ def displacement_notebook():
             "```"
         ),
     ]
-    return new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+    return _notebook(cells)
 
 
 def overoptimization_notebook():
@@ -551,6 +551,11 @@ def overoptimization_notebook():
             "searches exactly where the proxy is blind, DPO stays near its preference data."
         ),
     ]
+    return _notebook(cells)
+
+
+def _notebook(cells):
+    """A notebook of ``cells`` for a plain Python 3 kernel."""
     return new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
 
 
