@@ -7,6 +7,7 @@ from rmlab.plots.entanglement import (
     similarity_matrix,
 )
 from rmlab.plots.overoptimization import checkpoint_curves, overoptimization_curve
+from rmlab.plots.renderer import setup_notebook
 from rmlab.plots.reward_model import calibration_diagram, length_bias, preference_strength_map
 from rmlab.plots.rewards import reward_margins, token_reward_text
 
@@ -20,6 +21,7 @@ __all__ = [
     "overoptimization_curve",
     "preference_strength_map",
     "reward_margins",
+    "setup_notebook",
     "similarity_matrix",
     "token_reward_text",
 ]
