@@ -28,6 +28,7 @@ from rmlab.diagnostics.displacement import DisplacementRun, ches, ches_from_sums
 from rmlab.diagnostics.entanglement import (
     gradient_entanglement,
     gradient_similarity,
+    predict_entanglement,
     similarity_matrix,
     token_entanglement,
 )
@@ -59,6 +60,7 @@ __all__ = [
     "gradient_entanglement",
     "gradient_similarity",
     "kl_estimate",
+    "predict_entanglement",
     "preference_strength",
     "ranking_accuracy",
     "ranking_summary",

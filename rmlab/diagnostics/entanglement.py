@@ -632,3 +632,57 @@ def token_entanglement(
     frame["side"] = pd.Categorical(frame["side"], categories=list(_SIDES))
     frame.attrs.update(params=selection.describe(), num_params=selection.numel)
     return frame
+
+
+# --------------------------------------------------------------------------------------------------
+# re-predicting a computed frame for another beta or learning rate (no model needed)
+# --------------------------------------------------------------------------------------------------
+def predict_entanglement(frame: pd.DataFrame, *, beta: float | None = None, lr: float | None = None) -> pd.DataFrame:
+    """The first-order changes of a :func:`gradient_entanglement` frame at another ``beta`` or ``lr``.
+
+    Yuan et al. 2024: the gradients ``g_w``, ``g_l`` (and so ``|g_w|^2``, ``|g_l|^2``, ``<g_w, g_l>``)
+    are those of the log-probs and do not depend on ``beta`` or the learning rate; only the loss weight
+    ``c = beta * sigmoid(-margin)`` (DPO, with ``margin = beta * ((lp_w - ref_w) - (lp_l - ref_l))``)
+    and the step size do. So the predicted changes for any ``beta`` and ``lr`` follow from the frame
+    alone, exactly as :func:`gradient_entanglement` would compute them, without touching a model:
+
+    - ``pred_delta_chosen = lr * c * (|g_w|^2 - <g_w, g_l>)``,
+    - ``pred_delta_rejected = lr * c * (<g_w, g_l> - |g_l|^2)``.
+
+    ``chosen_falls`` and ``rejected_rises`` (signs) do not change; the magnitudes do.
+
+    Args:
+        frame: from :func:`gradient_entanglement` (its ``attrs`` give the original ``beta``, ``lr``
+            and ``loss_weight``).
+        beta: the new KL coefficient (> 0); None keeps the frame's.
+        lr: the new learning rate (> 0); None keeps the frame's.
+
+    Returns:
+        A copy of the frame with ``margin``, ``loss_weight``, ``pred_delta_chosen`` and
+        ``pred_delta_rejected`` recomputed and ``attrs`` ``beta`` / ``lr`` updated. Realised changes
+        (``real_delta_*``) were measured at the frame's own settings: they are kept when ``beta`` and
+        ``lr`` are unchanged and dropped otherwise.
+    """
+    needed = ["logps_chosen", "logps_rejected", "ref_logps_chosen", "ref_logps_rejected",
+              "grad_sq_chosen", "grad_sq_rejected", "grad_inner"]
+    missing = [c for c in needed if c not in frame.columns]
+    if missing or "loss_weight" not in frame.attrs:
+        raise DataError(
+            f"predict_entanglement needs a frame from rmlab.gradient_entanglement; this one lacks "
+            f"{missing or 'its attrs (beta, lr, loss_weight)'}. Recompute it with gradient_entanglement."
+        )
+    beta = check_beta(frame.attrs["beta"] if beta is None else beta)
+    lr = _check_lr(frame.attrs["lr"] if lr is None else lr)
+    logps = frame[["logps_chosen", "logps_rejected"]].to_numpy(np.float64)
+    ref = frame[["ref_logps_chosen", "ref_logps_rejected"]].to_numpy(np.float64)
+    margin, weight = _loss_weights(logps, ref, beta, frame.attrs["loss_weight"])
+    sq_w, sq_l, inner = (frame[c].to_numpy(np.float64) for c in ("grad_sq_chosen", "grad_sq_rejected", "grad_inner"))
+    out = frame.copy()
+    if (beta, lr) != (frame.attrs["beta"], frame.attrs["lr"]):
+        out = out.drop(columns=[c for c in ("real_delta_chosen", "real_delta_rejected") if c in out.columns])
+    out["margin"] = margin
+    out["loss_weight"] = weight
+    out["pred_delta_chosen"] = lr * weight * (sq_w - inner)
+    out["pred_delta_rejected"] = lr * weight * (inner - sq_l)
+    out.attrs = {**frame.attrs, "beta": beta, "lr": lr}
+    return out

@@ -4,6 +4,7 @@ from rmlab.plots.entanglement import (
     ches_vs_change,
     displacement_trajectories,
     entanglement_scatter,
+    predicted_changes,
     similarity_matrix,
 )
 from rmlab.plots.overoptimization import checkpoint_curves, overoptimization_curve
@@ -19,6 +20,7 @@ __all__ = [
     "entanglement_scatter",
     "length_bias",
     "overoptimization_curve",
+    "predicted_changes",
     "preference_strength_map",
     "reward_margins",
     "setup_notebook",

@@ -192,3 +192,51 @@ def ches_vs_change(ches: pd.DataFrame, change: pd.DataFrame, *, score: str = "ln
         xaxis_title=score, yaxis_title="realised change of log π(y_w)",
     )
     return fig
+
+
+def predicted_changes(frame: pd.DataFrame, *, title: str | None = None) -> go.Figure:
+    """Predicted change of each pair's rejected (x) and chosen (y) log-prob after one margin-loss step.
+
+    Args:
+        frame: from :func:`rmlab.gradient_entanglement` or :func:`rmlab.diagnostics.predict_entanglement`
+            (``pred_delta_chosen``, ``pred_delta_rejected``; ``real_delta_*`` drawn too when present).
+        title: figure title (default: the step's ``lr`` and ``beta`` and how many chosen log-probs fall).
+
+    Yuan et al. 2024: the margin always grows (every point lies above the line ``y = x``), but points
+    below ``y = 0`` are pairs whose chosen response becomes *less* likely; red points are those the
+    first-order prediction says fall (``<g_w, g_l> > |g_w|^2``).
+    """
+    _require(frame, ["pred_delta_chosen", "pred_delta_rejected", "chosen_falls"], "rmlab.gradient_entanglement")
+    pairs = frame["pair"].to_numpy() if "pair" in frame.columns else np.arange(len(frame))
+    x, y = frame["pred_delta_rejected"].to_numpy(float), frame["pred_delta_chosen"].to_numpy(float)
+    falls = frame["chosen_falls"].to_numpy(bool)
+    fig = go.Figure()
+    for mask, name, colour in ((~falls, "chosen rises", "#2166ac"), (falls, "chosen falls", "#b2182b")):
+        fig.add_trace(
+            go.Scatter(
+                x=x[mask], y=y[mask], mode="markers", name=f"{name} ({int(mask.sum())})", customdata=pairs[mask],
+                marker=dict(size=8, color=colour, opacity=0.75, line=dict(width=0.5, color="black")),
+                hovertemplate="pair %{customdata}<br>Δ log π(y_l) %{x:.3g}<br>Δ log π(y_w) %{y:.3g}<extra></extra>",
+            )
+        )
+    if {"real_delta_chosen", "real_delta_rejected"} <= set(frame.columns):
+        fig.add_trace(
+            go.Scatter(
+                x=frame["real_delta_rejected"], y=frame["real_delta_chosen"], mode="markers", name="realised step",
+                customdata=pairs, marker=dict(size=7, symbol="x-thin", line=dict(width=1.5, color="black")),
+                hovertemplate="pair %{customdata} (realised)<br>Δ log π(y_l) %{x:.3g}<br>Δ log π(y_w) %{y:.3g}<extra></extra>",
+            )
+        )
+    finite = np.r_[x[np.isfinite(x)], y[np.isfinite(y)], 0.0]
+    lo, hi = float(finite.min()), float(finite.max())
+    fig.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", line=dict(dash="dot", color="gray"),
+                             name="y = x (margin unchanged)", hoverinfo="skip"))
+    fig.add_hline(y=0, line_color="black", line_dash="dash")
+    lr, beta = frame.attrs.get("lr"), frame.attrs.get("beta")
+    step = f" (lr={lr:.2g}, beta={beta:.3g})" if lr is not None and beta is not None else ""
+    fig.update_layout(
+        title=title or f"One step on each pair{step}: the chosen log-prob falls on {falls.mean():.0%} of pairs",
+        xaxis_title="predicted Δ log π(y_l)  (rejected)", yaxis_title="predicted Δ log π(y_w)  (chosen)",
+        legend=dict(orientation="h", y=-0.2),
+    )
+    return fig

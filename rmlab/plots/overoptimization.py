@@ -39,6 +39,7 @@ def overoptimization_curve(
     title: str | None = None,
     show_proxy: bool = True,
     points: int = 200,
+    x_axis: str = "sqrt_kl",
 ) -> go.Figure:
     """Gold and proxy reward against sqrt(KL) (Gao et al. 2022, "Scaling Laws for Reward Model
     Overoptimization"), with optional fitted curves and their bootstrap bands.
@@ -55,18 +56,23 @@ def overoptimization_curve(
         title: figure title.
         show_proxy: draw the proxy reward too (default True).
         points: points along each fitted curve.
+        x_axis: ``"sqrt_kl"`` (default; Gao et al. plot against ``d = sqrt(KL)``, where best-of-n gold
+            is a parabola) or ``"kl"``.
 
     For best-of-n the KL is the analytic ``log n - (n-1)/n``, an upper bound on the true KL
     (Beirami et al. 2024); the x-axis title says so when an ``n`` column is present.
     """
     _require(frame, ["kl", "proxy", "gold"], "a best-of-n or checkpoint curve")
+    if x_axis not in ("sqrt_kl", "kl"):
+        raise ArgumentError(f"x_axis={x_axis!r} is not known; use 'sqrt_kl' or 'kl'.")
+    to_x = np.sqrt if x_axis == "sqrt_kl" else np.asarray
     bon = "n" in frame
     several = "proxy_name" in frame.columns
     groups = list(frame.groupby("proxy_name", sort=False)) if several else [(frame.attrs.get("proxy_name"), frame)]
     colours = {}
     fig = go.Figure()
     for k, (name, group) in enumerate(groups):
-        x = np.sqrt(group["kl"].to_numpy(dtype=np.float64))
+        x = to_x(group["kl"].to_numpy(dtype=np.float64))
         hover = [f"n = {n}" for n in group["n"]] if bon else None
         if several:
             colour = _PALETTE[k % len(_PALETTE)]
@@ -104,7 +110,7 @@ def overoptimization_curve(
         else:
             colour, group_key = _PALETTE[(len(groups) + 1 + k) % len(_PALETTE)], f"fit {k}"
         kl = np.linspace(0.0, kl_max, points)
-        d = np.sqrt(kl)
+        d = to_x(kl)
         lo, hi = result.band(kl)
         if np.isfinite(lo).all() and np.isfinite(hi).all():
             fig.add_trace(go.Scatter(x=d, y=hi, mode="lines", line=dict(width=0), hoverinfo="skip",
@@ -126,7 +132,7 @@ def overoptimization_curve(
         if np.isfinite(result.peak_kl) and result.peak_kl <= kl_max * 1.5:
             fig.add_trace(
                 go.Scatter(
-                    x=[np.sqrt(result.peak_kl)], y=[result.peak_gold], mode="markers",
+                    x=[float(to_x(result.peak_kl))], y=[result.peak_gold], mode="markers",
                     marker=dict(symbol="diamond", size=11, color=colour, line=dict(color="black", width=1)),
                     name=f"fitted peak: KL={result.peak_kl:.3g}, {result.y}={result.peak_gold:.3g}",
                     legendgroup=group_key, showlegend=False,
@@ -135,7 +141,7 @@ def overoptimization_curve(
             )
     fig.update_layout(
         title=title or ("Best-of-n: proxy vs gold reward" if bon else "Proxy vs gold reward"),
-        xaxis_title="sqrt(KL) " + ("(analytic log n - (n-1)/n, an upper bound)" if bon else "to the initial policy"),
+        xaxis_title=("sqrt(KL) " if x_axis == "sqrt_kl" else "KL ") + ("(analytic log n - (n-1)/n, an upper bound)" if bon else "to the initial policy"),
         yaxis_title="reward",
         hovermode="x unified",
     )
