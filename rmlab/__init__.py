@@ -39,6 +39,7 @@ from rmlab.diagnostics import (
     reward_model_report,
 )
 from rmlab.engine.sampling import SamplingInterrupted, completion_logprobs, sample
+from rmlab.html_report import report
 from rmlab.io.pairs import load_pairs
 from rmlab.rewards.implicit import dpo_metrics, implicit_rewards, step_rewards, token_rewards
 from rmlab.rewards.attribution import attribute_reward
@@ -79,6 +80,7 @@ __all__ = [
     "preference_strength",
     "ranking_accuracy",
     "ranking_summary",
+    "report",
     "reward_model_report",
     "reward_scores",
     "sample",
