@@ -12,6 +12,10 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 ROOT = Path(__file__).resolve().parents[1] / "notebooks"
 
+# Every notebook's first code cell calls this: figures then render live in JupyterLab *and* keep
+# working in an exported notebook (plotly.js inline once, nothing loaded from a CDN).
+SETUP = "plots.setup_notebook()  # figures show here and in exported HTML, offline\n"
+
 
 def implicit_rewards_notebook():
     cells = [
@@ -30,7 +34,8 @@ def implicit_rewards_notebook():
             "import rmlab\n"
             "from rmlab import plots\n"
             "from rmlab.toy import load\n\n"
-            "world = load()\n"
+            + SETUP
+            + "world = load()\n"
             "policy, reference, tokenizer = world.dpo[0.1], world.sft, world.tokenizer\n"
             "pairs = world.heldout.head(200)  # pairs no model was trained on\n"
             "pairs.head(3)"
@@ -97,6 +102,19 @@ def implicit_rewards_notebook():
             "steps = rmlab.step_rewards(policy, reference, pairs.head(5), tokenizer=tokenizer, beta=0.1, delimiter=',', progress=False)\n"
             "steps[steps.pair == 0]"
         ),
+        new_markdown_cell(
+            "## Explore\n"
+            "Click a pair in the table (sort it by margin, keep only the pairs the policy ranks wrongly) and the "
+            "viewer shows its tokens; it computes the pair's token rewards when first shown."
+        ),
+        new_code_cell(
+            "from rmlab import widgets\n\n"
+            "selection = widgets.Selection()\n"
+            "table = widgets.PairTable(frame, selection=selection)\n"
+            "viewer = widgets.TokenRewardViewer(pairs, policy=policy, reference=reference, tokenizer=tokenizer, beta=0.1,\n"
+            "                                   selection=selection)\n"
+            "widgets.Dashboard({'pairs': table, 'tokens': viewer})"
+        ),
     ]
     return _notebook(cells)
 
@@ -119,7 +137,8 @@ def reward_model_notebook():
             "import rmlab\n"
             "from rmlab import plots\n"
             "from rmlab.toy import load\n\n"
-            "world = load()\n"
+            + SETUP
+            + "world = load()\n"
             "reward_model, reward_models, tokenizer = world.reward_models[0], world.reward_models, world.tokenizer\n"
             "policy, reference = world.dpo[0.1], world.sft\n"
             "pairs = world.heldout  # 600 pairs no model was trained on\n"
@@ -264,7 +283,8 @@ def entanglement_notebook():
             "import rmlab\n"
             "from rmlab import plots\n"
             "from rmlab.toy import load\n\n"
-            "world = load()\n"
+            + SETUP
+            + "world = load()\n"
             "policy, reference, tokenizer = world.dpo[0.1], world.sft, world.tokenizer\n"
             "pairs = world.heldout.head(100)\n"
             "params, projection_dim = None, None  # all parameters, exact gradients (the toy model is tiny)"
@@ -298,6 +318,14 @@ def entanglement_notebook():
             "print(f'{len(flagged)} pairs flagged chosen_falls; the chosen log-prob really fell on '\n"
             "      f'{(flagged.real_delta_chosen < 0).mean():.0%} of them, and on '\n"
             "      f'{(frame[~frame.chosen_falls].real_delta_chosen < 0).mean():.0%} of the others')"
+        ),
+        new_markdown_cell(
+            "Move the learning rate and β: the predictions rescale (the gradients do not depend on them, so no model "
+            "runs), but *which* pairs lose their chosen response does not change. Click a point to see that pair."
+        ),
+        new_code_cell(
+            "from rmlab import widgets\n\n"
+            "widgets.EntanglementExplorer(frame)"
         ),
         new_markdown_cell(
             "**What to look for:** points above the dashed diagonal are pairs whose chosen response a DPO step on that "
@@ -355,7 +383,8 @@ def displacement_notebook():
             "import rmlab\n"
             "from rmlab import plots\n"
             "from rmlab.toy import load\n\n"
-            "world = load()\n"
+            + SETUP
+            + "world = load()\n"
             "policy = reference = world.sft   # DPO starts from the SFT model, which is also its reference\n"
             "tokenizer = world.tokenizer\n"
             "pairs = world.heldout.head(100).reset_index(drop=True)"
@@ -431,6 +460,11 @@ def displacement_notebook():
             "the entanglement notebook)."
         ),
         new_code_cell("plots.ches_vs_change(scores, run.trajectories)"),
+        new_markdown_cell("Step through the run; click a point to follow that pair's log-probs."),
+        new_code_cell(
+            "from rmlab import widgets\n\n"
+            "widgets.DisplacementExplorer(run, ches=scores)"
+        ),
         new_markdown_cell(
             "## Inside a real training run\n"
             "`rmlab.integrations.DiagnosticsCallback` records the same quantities for a probe set inside a "
@@ -465,7 +499,8 @@ def overoptimization_notebook():
             "import rmlab\n"
             "from rmlab import plots\n"
             "from rmlab.toy import load\n\n"
-            "world = load()\n"
+            + SETUP
+            + "world = load()\n"
             "policy, tokenizer = world.sft, world.tokenizer\n"
             "proxy, proxies, gold = world.reward_models[0], world.reward_models, world.gold  # gold: texts -> scores\n"
             "prompts = world.prompts[:8]"
@@ -530,6 +565,11 @@ def overoptimization_notebook():
             "compared.pivot(index='n', columns='proxy_name', values='gold').round(2)"
         ),
         new_code_cell("plots.overoptimization_curve(compared)"),
+        new_markdown_cell("Pick one proxy or ensemble at a time, switch the axis between $\\sqrt{KL}$ and KL, and fit Gao et al.'s law to each."),
+        new_code_cell(
+            "from rmlab import widgets\n\n"
+            "widgets.OveroptimizationExplorer(compared, bootstrap=200)"
+        ),
         new_markdown_cell(
             "## DPO checkpoints\n"
             "Direct alignment algorithms overoptimise too (Rafailov et al. 2024). For each saved DPO checkpoint "
@@ -554,8 +594,143 @@ def overoptimization_notebook():
     return _notebook(cells)
 
 
+def tour_notebook():
+    cells = [
+        new_markdown_cell(
+            "# A tour of rmlab\n\n"
+            "rmlab looks inside **reward models** and **preference-optimised language models**. Every analysis takes "
+            "ordinary Hugging Face models and preference pairs (`prompt`, `chosen`, `rejected`) and returns a tidy "
+            "pandas DataFrame; `rmlab.plots` turns frames into figures and `rmlab.widgets` into explorers.\n\n"
+            "This tour runs offline in about a minute on a CPU, on rmlab's **toy world**: short movie reviews whose "
+            "true (*gold*) reward is known, a tiny SFT policy, DPO policies trained from it, and three proxy reward "
+            "models trained on noisy labels. Because the truth is known, you can *see* what each diagnostic finds. "
+            "Each section has a notebook of its own that explains it in depth."
+        ),
+        new_code_cell(
+            "import pandas as pd\n\n"
+            "import rmlab\n"
+            "from rmlab import plots, widgets\n"
+            "from rmlab.toy import load\n\n"
+            + SETUP
+            + "world = load()\n"
+            "policy, reference, tokenizer = world.dpo[0.1], world.sft, world.tokenizer\n"
+            "reward_model = world.reward_models[0]\n"
+            "pairs = world.heldout.head(60).reset_index(drop=True)  # pairs no model was trained on\n"
+            "pairs[['prompt', 'chosen', 'rejected']].head(3)"
+        ),
+        new_markdown_cell(
+            "**To use your own models** (needs a network), replace the cell above, e.g.\n\n"
+            "```python\n"
+            "policy = \"my-org/pythia-410m-dpo\"                    # any causal LM on the hub, or a local path\n"
+            "reference = \"EleutherAI/pythia-410m\"                 # the model DPO started from\n"
+            "reward_model = \"OpenAssistant/reward-model-deberta-v3-large-v2\"  # a sequence classifier\n"
+            "tokenizer = None                                        # loaded from the policy's path\n"
+            "pairs = rmlab.load_pairs(\"my_pairs.jsonl\").head(60)     # prompt / chosen / rejected, text or chat\n"
+            "```\n"
+            "(A reward model with its own tokenizer is scored with it: pass `tokenizer=None` to its calls.) "
+            "Everything below runs unchanged, on a GPU if there is one."
+        ),
+        new_markdown_cell(
+            "## 1. Implicit DPO rewards\n"
+            "A DPO policy defines a reward, $r(x, y) = \\beta \\log \\frac{\\pi(y|x)}{\\pi_{\\text{ref}}(y|x)}$ "
+            "(Rafailov et al. 2023). One row per pair; `dpo_metrics` gives the numbers TRL's `DPOTrainer` logs."
+        ),
+        new_code_cell(
+            "rewards = rmlab.implicit_rewards(policy, reference, pairs, tokenizer=tokenizer, beta=0.1, progress=False)\n"
+            "rmlab.dpo_metrics(rewards)"
+        ),
+        new_code_cell("plots.reward_margins(rewards)"),
+        new_markdown_cell(
+            "The reward splits into per-token terms: where does the policy put its credit? (In the toy world the gold "
+            "reward counts positive and negative words.)"
+        ),
+        new_code_cell(
+            "pair = int(rewards.margin.idxmax())\n"
+            "tokens = rmlab.token_rewards(policy, reference, pairs.iloc[[pair]], tokenizer=tokenizer, beta=0.1, progress=False)\n"
+            "plots.token_reward_text(tokens, pair=0, title=f'pair {pair}: beta * log(pi/pi_ref) per token')"
+        ),
+        new_markdown_cell(
+            "## 2. Reading a reward model\n"
+            "Accuracy, calibration (are its confidences right?) and length bias (does it just prefer the longer "
+            "answer?). Notebook 02 adds dense per-token rewards, captum attributions and data quality."
+        ),
+        new_code_cell(
+            "scores = rmlab.reward_scores(reward_model, pairs, tokenizer=tokenizer, progress=False)\n"
+            "report = rmlab.reward_model_report(scores, implicit=rewards)\n"
+            "report.summary.round(3)"
+        ),
+        new_code_cell("plots.calibration_diagram(report)"),
+        new_markdown_cell(
+            "## 3. Gradient entanglement\n"
+            "A DPO step raises the margin, but can lower the chosen response too: to first order the chosen log-prob "
+            "falls when $\\langle g_w, g_l \\rangle > \\lVert g_w \\rVert^2$ (Yuan et al. 2024)."
+        ),
+        new_code_cell(
+            "entangled = rmlab.gradient_entanglement(policy, pairs, reference=reference, tokenizer=tokenizer, beta=0.1,\n"
+            "                                        lr=1e-3, progress=False)\n"
+            "plots.entanglement_scatter(entangled)"
+        ),
+        new_markdown_cell(
+            "## 4. Likelihood displacement\n"
+            "Train a copy of the SFT model with DPO for a few steps and track every pair; CHES scores "
+            "(Razin et al. 2024) rank the pairs at risk before any training."
+        ),
+        new_code_cell(
+            "run = rmlab.track_dpo(reference, reference, pairs, tokenizer=tokenizer, steps=6, lr=0.5, beta=0.1,\n"
+            "                      optimizer='sgd', progress=False)\n"
+            "ches = rmlab.ches(reference, pairs, tokenizer=tokenizer, progress=False)\n"
+            "plots.displacement_trajectories(run.trajectories)"
+        ),
+        new_markdown_cell(
+            "## 5. Overoptimization\n"
+            "Best-of-n against a proxy reward: the proxy keeps rising with n, the gold reward peaks and falls "
+            "(Gao et al. 2022). The toy world ships 512 samples per prompt, scored by proxy 0 and by gold."
+        ),
+        new_code_cell(
+            "pool = pd.read_parquet(world.root / 'bon_pool.parquet')\n"
+            "curve = rmlab.best_of_n(pool, proxy='proxy', gold='gold', n_values=[1, 2, 4, 8, 16, 32, 64, 128, 256])\n"
+            "fit = rmlab.fit_overoptimization(curve, form='bon', bootstrap=200)\n"
+            "plots.overoptimization_curve(curve, fit=fit)"
+        ),
+        new_markdown_cell(
+            "## Explore: one dashboard, one selected pair\n"
+            "Every tab follows the same selection: click a row in **pairs**, or a point in **entanglement** or "
+            "**displacement**, and every tab shows that pair. **tokens** switches between the implicit DPO reward, "
+            "the reward model's dense rewards and an attribution of its score; the sliders re-predict entanglement "
+            "for another learning rate or β, and step through the DPO run."
+        ),
+        new_code_cell(
+            "table_frame = rewards.merge(ches[['pair', 'ln_ches']], on='pair')\n"
+            "dashboard = widgets.Dashboard({\n"
+            "    'pairs': widgets.PairTable(table_frame),\n"
+            "    'tokens': widgets.TokenRewardViewer(pairs, policy=policy, reference=reference, reward_model=reward_model,\n"
+            "                                        tokenizer=tokenizer, beta=0.1),\n"
+            "    'entanglement': widgets.EntanglementExplorer(entangled),\n"
+            "    'displacement': widgets.DisplacementExplorer(run, ches=ches),\n"
+            "    'overoptimization': widgets.OveroptimizationExplorer(curve, bootstrap=200),\n"
+            "})\n"
+            "dashboard"
+        ),
+        new_code_cell("dashboard.selection.pair = int(entangled.loc[entangled.chosen_falls, 'pair'].iloc[0]) if entangled.chosen_falls.any() else 0"),
+        new_markdown_cell(
+            "## Where next\n"
+            "- `01_implicit_rewards.ipynb`: sequence, token and step rewards of DPO policies.\n"
+            "- `02_reading_a_reward_model.ipynb`: dense rewards, attributions, calibration, length bias, mislabelled pairs.\n"
+            "- `03_gradient_entanglement.ipynb`: the first-order prediction checked against real steps; tokens and pairs that entangle.\n"
+            "- `04_likelihood_displacement.ipynb`: tracked DPO runs, where the probability mass goes, CHES.\n"
+            "- `05_overoptimization.ipynb`: best-of-n, ensembles, checkpoints and the fitted laws.\n\n"
+            "To share an analysis without Jupyter, `rmlab report` (or `rmlab.report(...)`) writes one self-contained "
+            "HTML file of these figures."
+        ),
+    ]
+    return _notebook(cells)
+
+
 def _notebook(cells):
     """A notebook of ``cells`` for a plain Python 3 kernel."""
+    first = next(c for c in cells if c.cell_type == "code")
+    if "setup_notebook()" not in first.source:
+        raise ValueError("the first code cell must call rmlab.plots.setup_notebook() (see SETUP)")
     return new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
 
 
@@ -570,6 +745,7 @@ def _write(notebook, name: str) -> None:
 
 def main() -> None:
     ROOT.mkdir(exist_ok=True)
+    _write(tour_notebook(), "00_tour.ipynb")
     _write(implicit_rewards_notebook(), "01_implicit_rewards.ipynb")
     _write(reward_model_notebook(), "02_reading_a_reward_model.ipynb")
     _write(entanglement_notebook(), "03_gradient_entanglement.ipynb")
