@@ -3,7 +3,9 @@
 Every error says what was wrong, where (row, column or argument) and how to fix it, and is raised
 before any model runs. All derive from :class:`RmlabError`; each also subclasses the built-in
 exception a Python user would expect (``ValueError``, ``TypeError``, ``FileNotFoundError``), so
-``except ValueError`` keeps working.
+``except ValueError`` keeps working. Input that runs but is probably not what was meant (chosen
+identical to rejected, a response truncated to nothing) gets a :class:`DataWarning` instead, with the
+count and the rows. The catalogue of bad inputs and their messages is ``docs/errors.md``.
 """
 
 from __future__ import annotations
@@ -38,6 +40,15 @@ class TokenizerError(RmlabError, ValueError):
 
 class ArgumentError(RmlabError, ValueError):
     """An argument outside its valid range (beta <= 0, an unknown option name, ...)."""
+
+
+class RmlabWarning(UserWarning):
+    """Base class of every warning rmlab emits on purpose: input that can be used, but likely not as meant."""
+
+
+class DataWarning(RmlabWarning):
+    """Preference data that run but carry no signal as given (chosen identical to rejected, a response
+    truncated to nothing). Turn it into an error with ``warnings.simplefilter("error", DataWarning)``."""
 
 
 def closest(name: str, candidates: Iterable[str]) -> str:

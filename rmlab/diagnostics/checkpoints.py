@@ -44,6 +44,7 @@ from rmlab.engine.sampling import (
 from rmlab.errors import ArgumentError, DataError, ModelError, TokenizerError
 from rmlab.io.models import (
     check_context,
+    check_same_tokenizer,
     check_vocab_covers,
     is_causal_lm,
     load_causal_lm,
@@ -332,6 +333,21 @@ def _checkpoint_items(checkpoints, label_names) -> list[tuple[str, dict, object]
     return items
 
 
+def _check_checkpoints(items, tok, trust_remote_code: bool) -> None:
+    """Every checkpoint fits the reference's tokenizer, checked before the first one samples: model
+    objects by their vocabulary, folders by the tokenizer saved beside them (when there is one)."""
+    for name, _, spec in items:
+        if isinstance(spec, torch.nn.Module):
+            check_vocab_covers(spec, tok, role=f"checkpoint {name!r}")
+        elif Path(spec).expanduser().is_dir():
+            try:
+                saved = load_tokenizer(None, Path(spec).expanduser(), role=f"checkpoint {name!r}",
+                                       trust_remote_code=trust_remote_code)
+            except TokenizerError:
+                continue  # no tokenizer saved beside the weights: the reference's is used
+            check_same_tokenizer(tok, saved, names=("reference", f"checkpoint {name!r}"))
+
+
 # --------------------------------------------------------------------------------------------------
 # the curve
 # --------------------------------------------------------------------------------------------------
@@ -536,6 +552,7 @@ def checkpoint_curve(
                   trust_remote_code=trust_remote_code)
     scorers = {"proxy": _resolve_scorer(proxy, "proxy", **common), "gold": _resolve_scorer(gold, "gold", **common)}
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    _check_checkpoints(items, tok, trust_remote_code)
 
     frames: list[pd.DataFrame] = []
     bar = tqdm(items, desc="checkpoints", unit="ckpt", disable=not progress or len(items) < 2, leave=False)

@@ -375,7 +375,7 @@ class _Scorer:
             scores = [c for c in self.frame.columns if pd.api.types.is_numeric_dtype(self.frame[c])]
             raise DataError(
                 f"{where}: the samples have no column {spec!r}; their numeric columns are {scores}."
-                + closest(spec, self.frame.columns)
+                + closest(spec, scores)
                 + " To score with a reward model, pass the model or its path (a name with '/')."
             )
         if isinstance(spec, (np.ndarray, pd.Series)):

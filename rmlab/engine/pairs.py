@@ -138,7 +138,7 @@ def prepare_pair_inputs(
         chat_template_kwargs=chat_template_kwargs,
     )
     lengths = [
-        (f"Row {i}, {side}", len(getattr(p, side).ids))
+        (f"Row {i}, {side}", len(getattr(p, side).ids), p.prompt_tokens)
         for i, p in enumerate(encoded)
         for side in ("chosen", "rejected")
     ]

@@ -85,6 +85,12 @@ def _loaded(auto_class, model, what: str, *, device, dtype, trust_remote_code, u
     """``model`` loaded with ``auto_class`` when it is a name or path (on ``device``, in ``dtype``),
     else the object itself, moved only when a device is named."""
     if isinstance(model, (str, os.PathLike)):
+        if _looks_local(model) and not Path(model).expanduser().exists():
+            raise ModelError(
+                f"The {what} path {str(model)!r} does not exist (working directory: {os.getcwd()}). "
+                "Pass a folder written by save_pretrained(), a hub name such as 'org/model', or the "
+                "model object itself."
+            )
         target = resolve_device(device)
         try:
             loaded = auto_class.from_pretrained(
@@ -103,9 +109,44 @@ def _loaded(auto_class, model, what: str, *, device, dtype, trust_remote_code, u
                 )
             raise ModelError(f"Could not load the {what} {str(model)!r}: {err}{hint}") from err
         return loaded.to(target)
+    check_materialised(model, what)
     if device not in (None, "auto"):
         return model.to(resolve_device(device))
     return model
+
+
+def check_materialised(model, what: str) -> None:
+    """Raise :class:`ModelError` when a model's weights are not loaded (parameters on the meta device)."""
+    if not isinstance(model, torch.nn.Module) or getattr(model, "hf_device_map", None):
+        return  # accelerate's offloading keeps weights on 'meta' on purpose and loads them per layer
+    params = list(model.parameters())
+    meta = [p for p in params if p.device.type == "meta"]
+    if meta:
+        raise ModelError(
+            f"The {what} has {len(meta)} of {len(params)} parameter tensors on the 'meta' device: its "
+            "weights were never loaded (built under init_empty_weights or device_map='meta'), so it "
+            "cannot compute anything. Load it with from_pretrained(...) (or pass its path), or call "
+            "load_state_dict(..., assign=True) first."
+        )
+
+
+def check_same_device(models, roles) -> None:
+    """Raise :class:`ModelError` when models that must run in one computation live on different devices."""
+    devices = [model_device(m) for m in models]
+    if len({str(d) for d in devices}) > 1:
+        where = ", ".join(f"the {role} on {str(d)!r}" for role, d in zip(roles, devices))
+        raise ModelError(
+            f"The models are on different devices ({where}), but this analysis feeds them the same "
+            f"input tensors. Move them to one device (e.g. device={str(devices[0])!r}, which moves "
+            "both) or call .to(...) on each."
+        )
+
+
+def _looks_local(path) -> bool:
+    """A path, not a hub name: a PathLike, or a string that starts like a file-system path."""
+    return isinstance(path, os.PathLike) or str(path).startswith((".", "/", "~", "\\")) or (
+        os.sep != "/" and os.sep in str(path)
+    )
 
 
 def load_causal_lm(
@@ -252,8 +293,9 @@ def check_same_tokenizer(first, second, *, names=("policy", "reference")) -> Non
         only_a = len(set(vocab_a.items()) - set(vocab_b.items()))
         raise TokenizerError(
             f"The {names[0]} and {names[1]} tokenizers disagree ({len(vocab_a)} vs {len(vocab_b)} "
-            f"tokens, {only_a} entries differ). Log-prob ratios need the same tokenisation: use models "
-            "that share one tokenizer, or pass tokenizer=... if they really do."
+            f"tokens, {only_a} entries differ). Log-prob ratios need the same tokenisation: the "
+            f"{names[1]} must use the {names[0]}'s tokenizer (both come from one base model); use the "
+            f"matching model, or save the right tokenizer beside the {names[1]}."
         )
     if first.eos_token != second.eos_token:
         raise TokenizerError(
@@ -288,20 +330,31 @@ def context_length(model) -> int | None:
     return None
 
 
-def check_context(lengths: Sequence[tuple[str, int]], model, role: str, max_length) -> None:
+def check_context(lengths: Sequence[tuple], model, role: str, max_length) -> None:
     """Raise :class:`DataError` for the first sequence longer than the model's context window.
 
-    ``lengths`` holds ``(where, number of tokens)`` per sequence, ``where`` naming it for the user.
+    ``lengths`` holds ``(where, number of tokens)`` or ``(where, number of tokens, prompt tokens)``
+    per sequence, ``where`` naming it for the user. With the prompt length, a prompt that alone
+    fills the context gets advice that keeps the response (truncation from the left).
     """
     limit = context_length(model)
     if limit is None:
         return
-    for where, n in lengths:
-        if n > limit:
+    name = role if role.endswith("model") else f"{role} model"
+    for where, n, *prompt in lengths:
+        if n <= limit:
+            continue
+        if prompt and prompt[0] >= limit:
             raise DataError(
-                f"{where}: prompt+response is {n} tokens but the {role} model accepts at most "
-                f"{limit}. Pass max_length={limit} (or less) to truncate" + (" further." if max_length else ".")
+                f"{where}: the prompt alone is {prompt[0]} tokens but the {name} accepts at most {limit} "
+                f"(prompt+response is {n}); truncating the end would leave no response. Pass "
+                f"max_length={limit} with truncation_mode='keep_end' (cuts the prompt from the left), or "
+                "shorten the prompt."
             )
+        raise DataError(
+            f"{where}: prompt+response is {n} tokens but the {name} accepts at most "
+            f"{limit}. Pass max_length={limit} (or less) to truncate" + (" further." if max_length else ".")
+        )
 
 
 def is_local_path(value) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from rmlab.errors import (
     DataError,
     DataFileError,
     DataFileNotFoundError,
+    DataWarning,
     closest,
 )
 
@@ -216,6 +218,17 @@ def cell_kind(value, row: int, column: str, *, response: bool | None = None) -> 
             )
         _check_messages(value, row, column)
         return "chat"
+    if isinstance(value, Mapping):
+        if "role" in value and "content" in value:
+            raise DataError(
+                f"Row {row}, column {column!r} holds one chat message, not a list of them; wrap it in a "
+                "list: [{'role': ..., 'content': ...}]."
+            )
+        raise DataError(
+            f"Row {row}, column {column!r} holds a dict with keys {list(value)[:8]} (a nested column); it "
+            "must be a string or a list of chat messages. Take the text out of it first (datasets: "
+            "Dataset.flatten() then rename the field; pandas: pd.json_normalize)."
+        )
     raise DataError(
         f"Row {row}, column {column!r} must be a string or a list of chat messages, "
         f"got {type(value).__name__} ({value!r:.60})."
@@ -241,6 +254,32 @@ def _extract_chat_prompt(chosen: list, rejected: list) -> tuple[list, list, list
     return list(chosen[:idx]), list(chosen[idx:]), list(rejected[idx:])
 
 
+def _nested_hint(frame: pd.DataFrame, missing: list[str]) -> str:
+    """Advice for columns that hold dicts with the missing names (a nested / struct column)."""
+    for column in frame.columns:
+        first = next((v for v in frame[column] if not _is_missing(v)), None)
+        if isinstance(first, Mapping) and any(m in first for m in missing):
+            return (
+                f" Column {column!r} holds dicts with keys {list(first)[:8]}: the pairs are nested. "
+                f"Flatten them first (datasets: Dataset.flatten(), then rename '{column}.chosen' to "
+                "'chosen' and so on; pandas: pd.json_normalize(rows))."
+            )
+    return ""
+
+
+def _warn_identical(chosen: list, rejected: list) -> None:
+    same = [i for i, (c, r) in enumerate(zip(chosen, rejected)) if c == r]
+    if same:
+        shown = same[:10] + (["..."] if len(same) > 10 else [])
+        warnings.warn(
+            f"{len(same)} of {len(chosen)} pairs have chosen identical to rejected (rows {shown}): their "
+            "margin is 0 by construction and they carry no preference. Drop them (e.g. "
+            "frame[frame.chosen != frame.rejected]) or fix the data.",
+            DataWarning,
+            stacklevel=3,
+        )
+
+
 def load_pairs(data, *, prompt_column: str = "prompt") -> pd.DataFrame:
     """Read and validate preference data in TRL's convention.
 
@@ -261,6 +300,9 @@ def load_pairs(data, *, prompt_column: str = "prompt") -> pd.DataFrame:
             malformed chat messages or unknown roles, rows that mix text and chat; each names the
             row and column.
         DataFileError: a path that does not exist or does not parse (with the line number).
+
+    Warns:
+        DataWarning: pairs whose chosen is identical to rejected (with their count and rows).
 
     Example:
         >>> import rmlab
@@ -286,7 +328,7 @@ def load_pairs(data, *, prompt_column: str = "prompt") -> pd.DataFrame:
         frame = frame.rename(columns={prompt_column: "prompt"})
     missing = [c for c in _RESPONSE_COLUMNS if c not in frame.columns]
     if missing:
-        hints = "".join(closest(c, frame.columns) for c in missing)
+        hints = "".join(closest(c, frame.columns) for c in missing) + _nested_hint(frame, missing)
         raise DataError(
             f"The preference data lack the column(s) {missing}; found {list(frame.columns)}.{hints} "
             "Rename your columns to 'prompt', 'chosen' and 'rejected' (TRL's convention)."
@@ -314,6 +356,12 @@ def load_pairs(data, *, prompt_column: str = "prompt") -> pd.DataFrame:
             )
         kinds.add(kind)
         chosen, rejected = cells["chosen"], cells["rejected"]
+        if not has_prompt and chosen == rejected:
+            raise DataError(
+                f"Row {row}: chosen is identical to rejected and there is no 'prompt' column, so no "
+                "response is left after taking their shared prefix as the prompt. Drop the row or fix "
+                "the data."
+            )
         if has_prompt:
             prompt = cells["prompt"]
         elif kind == "chat":
@@ -335,6 +383,7 @@ def load_pairs(data, *, prompt_column: str = "prompt") -> pd.DataFrame:
         chosens.append(chosen)
         rejecteds.append(rejected)
 
+    _warn_identical(chosens, rejecteds)
     extra = [c for c in frame.columns if c not in ("prompt", *_RESPONSE_COLUMNS)]
     out = pd.DataFrame({"prompt": prompts, "chosen": chosens, "rejected": rejecteds})
     for column in extra:

@@ -114,6 +114,18 @@ def load_scoring_data(data) -> tuple[str, pd.DataFrame]:
     ):
         return "responses", load_responses(data)
     table = read_table(data)
-    if {"chosen", "rejected"} <= set(map(str, table.columns)):
+    columns = set(map(str, table.columns))
+    if {"chosen", "rejected"} <= columns:
         return "pairs", load_pairs(table)
+    if not columns & set(RESPONSE_COLUMNS) and _looks_like_pairs(columns):
+        return "pairs", load_pairs(table)  # says which of chosen/rejected is missing, and the closest name
     return "responses", load_responses(table)
+
+
+def _looks_like_pairs(columns: set[str]) -> bool:
+    """One of ``chosen``/``rejected`` is there, or both are there misspelt: pairs, not single texts."""
+    near = [
+        name for name in ("chosen", "rejected")
+        if name in columns or difflib.get_close_matches(name, sorted(columns), n=1, cutoff=0.6)
+    ]
+    return len(near) == 2 or bool({"chosen", "rejected"} & columns)

@@ -11,18 +11,20 @@ training logs:
 - the completion starts where the ids of the prompt and of prompt+completion diverge (the minimum
   over chosen and rejected), which also covers tokens that merge across the boundary;
 - ``max_length`` truncates prompt+completion per sequence (``keep_start`` keeps the beginning,
-  ``keep_end`` the end). A pair whose response loses tokens is marked ``truncated``, never dropped.
+  ``keep_end`` the end). A pair whose response loses tokens is marked ``truncated``, never dropped;
+  responses cut to nothing are counted in one :class:`~rmlab.errors.DataWarning`.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
-from rmlab.errors import DataError, TokenizerError, check_choice
+from rmlab.errors import ArgumentError, DataWarning, TokenizerError, check_choice
 
 
 @dataclass(frozen=True)
@@ -160,7 +162,23 @@ def _full_ids(tokenizer, fmt: str, prompts: list, completions: list, add_eos: bo
 def _check_options(max_length, truncation_mode) -> None:
     check_choice("truncation_mode", truncation_mode, ("keep_start", "keep_end"))
     if max_length is not None and (not isinstance(max_length, int) or max_length < 2):
-        raise DataError(f"max_length={max_length!r} must be an integer >= 2 (or None).")
+        raise ArgumentError(f"max_length={max_length!r} must be an integer >= 2 (or None).")
+
+
+def _warn_emptied(sequences: Sequence[tuple[str, EncodedSequence]], max_length) -> None:
+    """Warn (with the count and the first rows) about responses that truncation cut to nothing."""
+    emptied = [(where, seq) for where, seq in sequences if seq.n_response == 0 and seq.response_tokens_full > 0]
+    if not emptied:
+        return
+    where, seq = emptied[0]
+    warnings.warn(
+        f"{len(emptied)} of {len(sequences)} responses were truncated to nothing by max_length={max_length} "
+        f"(first: {where}, where the prompt fills all {len(seq.ids)} tokens): none of their tokens is scored "
+        "(implicit rewards are NaN; a reward model sees only the prompt). Raise max_length, shorten the "
+        "prompts, or pass truncation_mode='keep_end' to cut prompts from the left instead.",
+        DataWarning,
+        stacklevel=3,
+    )
 
 
 def encode_pairs(
@@ -207,6 +225,10 @@ def encode_pairs(
                 prompt_tokens=prompt_len,
             )
         )
+    _warn_emptied(
+        [(f"row {i}, {side}", getattr(p, side)) for i, p in enumerate(encoded) for side in ("chosen", "rejected")],
+        max_length,
+    )
     return encoded
 
 
@@ -237,4 +259,5 @@ def encode_responses(
     for p_ids, f_ids in zip(prompt_ids, full_ids):
         # a prompt-less text encodes to [] or [BOS] (+ separators): the response starts after it
         out.append(_truncate(list(f_ids), _common_prefix(p_ids, f_ids), max_length, truncation_mode))
+    _warn_emptied([(f"row {i}", seq) for i, seq in enumerate(out)], max_length)
     return out

@@ -51,7 +51,7 @@ from rmlab.engine.logprobs import logprobs_with_grad
 from rmlab.engine.pairs import check_beta, prepare_pair_inputs
 from rmlab.engine.reward_model import autocast, pad_token, prepare_reward_inputs
 from rmlab.errors import ArgumentError, ModelError, check_choice, closest
-from rmlab.io.models import is_causal_lm, is_reward_model, model_device
+from rmlab.io.models import check_same_device, is_causal_lm, is_reward_model, model_device
 from rmlab.io.pairs import load_pairs
 from rmlab.io.responses import load_scoring_data
 from rmlab.io.tokenize import EncodedSequence, decode_tokens
@@ -183,6 +183,8 @@ def _dpo_problem(policy, reference, pairs: pd.DataFrame, *, tokenizer, beta, ref
         dtype=dtype, trust_remote_code=bool(extra.get("trust_remote_code", False)),
     )
     policy_model, ref_model, tok, pad_id = inputs.policy, inputs.reference, inputs.tokenizer, inputs.pad_id
+    if ref_model is not None:  # both models see the same interpolated embeddings in one forward
+        check_same_device([policy_model, ref_model], ["policy", "reference"])
     encoded = inputs.encoded
 
     models = [policy_model] + ([ref_model] if ref_model is not None else [])
