@@ -3,6 +3,8 @@ anything it refuses is refused with an RmlabError, never another exception."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 
 from rmlab.errors import RmlabError
@@ -63,3 +65,116 @@ def test_chat_pairs_never_fail_with_a_foreign_exception(turns, chosen, rejected)
         return
     for seq in (encoded[0].chosen, encoded[0].rejected):
         assert 1 <= seq.start <= len(seq.ids)
+
+
+# --------------------------------------------------------------------------------------------------
+# whitespace-only and unicode-heavy text
+
+WHITESPACE = st.text(alphabet=" \t\n\r\x0b\x0c\u00a0\u1680\u2003\u2028\u3000\u200b\ufeff", max_size=8)
+UNICODE = st.text(
+    alphabet=st.characters(min_codepoint=0x80, blacklist_categories=("Cs",)), max_size=24
+)  # every character multi-byte in UTF-8: combining marks, CJK, emoji, private use, unassigned
+COMBINED = st.lists(st.one_of(TEXT, WHITESPACE, UNICODE), min_size=1, max_size=3).map("".join)
+
+
+@settings(max_examples=120, deadline=None, derandomize=True)
+@given(prompt=st.one_of(WHITESPACE, UNICODE, COMBINED), chosen=st.one_of(WHITESPACE, UNICODE, COMBINED),
+       rejected=st.one_of(WHITESPACE, UNICODE, COMBINED))
+def test_whitespace_and_unicode_text_decode_back_or_fail_cleanly(prompt, chosen, rejected):
+    test_text_pairs_decode_back_or_fail_cleanly.hypothesis.inner_test(prompt, chosen, rejected)
+
+
+# --------------------------------------------------------------------------------------------------
+# chat structures: roles (valid and not), missing or malformed content, nesting, system messages,
+# several turns, and the implicit-prompt form (no prompt column: the shared prefix is the prompt)
+
+VALID_ROLES = st.sampled_from(["user", "assistant", "system", "tool", "developer"])
+BAD_ROLES = st.sampled_from(["robot", "", "User", " user", "assistant "])
+CONTENT = st.one_of(TEXT, WHITESPACE, UNICODE)
+GOOD_MESSAGE = st.fixed_dictionaries({"role": VALID_ROLES, "content": CONTENT})
+BAD_MESSAGE = st.one_of(
+    st.fixed_dictionaries({"role": BAD_ROLES, "content": CONTENT}),  # unknown role
+    st.fixed_dictionaries({"role": VALID_ROLES}),  # no content
+    st.fixed_dictionaries({"content": TEXT}),  # no role
+    st.fixed_dictionaries({"role": VALID_ROLES, "content": st.one_of(st.none(), st.integers(), st.floats())}),
+    st.fixed_dictionaries({"role": VALID_ROLES, "content": st.lists(GOOD_MESSAGE, max_size=2)}),  # nested
+    TEXT,  # a bare string among messages
+    st.lists(GOOD_MESSAGE, min_size=1, max_size=2),  # a nested list of messages
+    st.none(),
+)
+
+
+def mostly(good, bad, *, good_share: int = 8):
+    """``good`` in ``good_share`` of 10 draws, else ``bad``: most examples get past validation."""
+    return st.integers(0, 9).flatmap(lambda k: good if k < good_share else bad)
+
+
+ASSISTANT = st.fixed_dictionaries({"role": st.just("assistant"), "content": CONTENT})
+VALID_CONVERSATION = st.lists(GOOD_MESSAGE, min_size=0, max_size=4)  # system, multi-turn, empty
+BROKEN_CONVERSATION = st.tuples(VALID_CONVERSATION, BAD_MESSAGE, st.integers(0, 4)).map(
+    lambda t: t[0][: t[2]] + [t[1]] + t[0][t[2]:]
+)
+CONVERSATION = mostly(VALID_CONVERSATION, BROKEN_CONVERSATION)
+VALID_COMPLETION = st.one_of(
+    st.lists(ASSISTANT, min_size=1, max_size=1),
+    st.tuples(ASSISTANT, st.lists(GOOD_MESSAGE, max_size=2), ASSISTANT).map(lambda t: [t[0], *t[1], t[2]]),
+)
+COMPLETION = mostly(VALID_COMPLETION, st.one_of(BROKEN_CONVERSATION, TEXT, st.none(), st.just([])))
+
+
+def _render(messages, generation: bool) -> str:
+    return TOK.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+
+
+def _check_chat(encoded, pairs) -> None:
+    """Every scored token lies inside the completion's rendering, and all of it is scored."""
+    row = pairs.iloc[0]
+    prompt = list(row["prompt"] or [])
+    for side in ("chosen", "rejected"):
+        seq = getattr(encoded[0], side)
+        assert 1 <= seq.start <= len(seq.ids)
+        full = _render(prompt + list(row[side]), generation=False)
+        head = TOK.decode(list(seq.ids[: seq.start]))
+        tail = TOK.decode(list(seq.response_ids))
+        assert TOK.decode(list(seq.ids)) == full  # the template's text, token for token
+        assert head + tail == full  # the split never cuts a character
+        rendered_prompt = _render(prompt, generation=True) if prompt else ""
+        # the unscored part is (a prefix of) the prompt: the whole completion is scored ...
+        assert rendered_prompt.startswith(head) or len(head) <= len(TOK.decode(list(seq.ids[:1])))
+        # ... and what is scored ends with the completion's last message
+        last = row[side][-1]
+        assert tail.endswith(last["content"] + "<|im_end|>\n")
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(prompt=mostly(CONVERSATION, st.one_of(TEXT, st.none())), chosen=COMPLETION, rejected=COMPLETION)
+def test_chat_structures_score_the_completion_or_fail_cleanly(prompt, chosen, rejected):
+    rows = [{"prompt": prompt, "chosen": chosen, "rejected": rejected}]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # identical chosen/rejected warn; that is not a failure
+            pairs = load_pairs(rows)
+            encoded = encode_pairs(pairs, TOK)
+    except RmlabError:
+        return
+    if pairs.attrs["format"] == "chat":
+        _check_chat(encoded, pairs)
+
+
+@settings(max_examples=100, deadline=None, derandomize=True)
+@given(shared=CONVERSATION, chosen=COMPLETION, rejected=COMPLETION)
+def test_implicit_prompt_chat_scores_the_completion_or_fails_cleanly(shared, chosen, rejected):
+    """No prompt column: chosen and rejected are whole conversations that start alike."""
+    def whole(tail):
+        return shared + tail if isinstance(tail, list) else tail
+
+    rows = [{"chosen": whole(chosen), "rejected": whole(rejected)}]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pairs = load_pairs(rows)
+            encoded = encode_pairs(pairs, TOK)
+    except RmlabError:
+        return
+    if pairs.attrs["format"] == "chat":
+        _check_chat(encoded, pairs)

@@ -179,7 +179,10 @@ def verify_head(head: LMHead, seq: Scored, pad_id: int, device) -> None:
         head.model.train(was_training)
     dtype = next(head.model.parameters()).dtype
     tol = 1e-3 if dtype == torch.float32 else 0.1
-    err = (fused - full).abs().max().item()
+    # positions where both paths are non-finite say nothing about the head (overflowing logits are
+    # reported by token_logprobs); one finite and one not is a disagreement
+    both_bad = ~torch.isfinite(fused) & ~torch.isfinite(full)
+    err = (fused - full).abs().masked_fill(both_bad, 0.0).max().item()
     if not err <= tol:
         warnings.warn(
             f"{type(head.model).__name__}: log-probs from the backbone + output embeddings differ from "
@@ -358,7 +361,33 @@ def token_logprobs(
                 bar.update(len(members))
         finally:
             bar.close()
+    _warn_non_finite(model, results)  # type: ignore[arg-type]
     return results  # type: ignore[return-value]
+
+
+def _warn_non_finite(model, values: Sequence[np.ndarray]) -> None:
+    """Warn when log-probs came out NaN or infinite: never silently put them in a frame.
+
+    In float32 arithmetic on finite logits a log-prob is finite (``logit - logsumexp``, both finite),
+    so a non-finite one means the model's own logits or hidden states were not finite: a float16
+    model whose activations overflow (above 65504), or NaN weights.
+    """
+    bad = [k for k, v in enumerate(values) if v.size and not np.isfinite(v).all()]
+    if not bad:
+        return
+    tokens = sum(int((~np.isfinite(values[k])).sum()) for k in bad)
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    hint = (
+        " float16 overflows above 65504: load the model in bfloat16 or float32 instead."
+        if dtype == "float16"
+        else " Check the model's weights for NaN or infinite values."
+    )
+    warnings.warn(
+        f"{type(model).__name__} ({dtype}) gave non-finite log-probs for {tokens} token(s) of "
+        f"{len(bad)} sequence(s) (first: sequence {bad[0]}); its logits are not finite.{hint}",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def logprobs_with_grad(model, sequences: Sequence[Scored], *, pad_id: int = 0) -> list[torch.Tensor]:
