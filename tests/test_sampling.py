@@ -191,6 +191,11 @@ def test_resume_after_an_interrupt_equals_an_uninterrupted_run(tok, tmp_path):
     again = []
     pd.testing.assert_frame_equal(sample(model, PROMPTS, cache_dir=tmp_path, on_chunk=again.append, **kwargs), full)
     assert again == []
+    # overwrite_cache samples everything afresh, with the same result
+    fresh = []
+    redone = sample(model, PROMPTS, cache_dir=tmp_path, overwrite_cache=True, on_chunk=fresh.append, **kwargs)
+    assert sum(len(c) for c in fresh) == len(full)
+    pd.testing.assert_frame_equal(redone, full)
     # asking for more samples only draws the new ones, and the old ones stay as they were
     more = []
     bigger = sample(model, PROMPTS, cache_dir=tmp_path, on_chunk=more.append, **{**kwargs, "n": 6})

@@ -22,9 +22,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
+from rmlab.cache import ChunkCache, compute_dtype, run_cached, sequences_digest, tokenizer_digest, weights_digest
 from rmlab.engine.batching import default_batch_tokens, length_batches, pad_right
 from rmlab.errors import ArgumentError, ModelError, TokenizerError
 from rmlab.io.models import (
@@ -186,6 +188,61 @@ def score_sequences(
     for batch, ids, mask, _ in batches:
         out[batch] = model(input_ids=ids, attention_mask=mask).logits[:, label].float().cpu().numpy()
     return out
+
+
+#: Bump when a change to the engine changes the scores it computes (invalidates caches).
+SCORES_VERSION = 1
+
+
+def reward_cache(inputs: RewardInputs, cache_dir, kind: str, *, overwrite: bool = False, **settings) -> ChunkCache:
+    """The cache entry ``<kind>-<key>`` of ``inputs`` in ``cache_dir``.
+
+    The key holds the reward model's weights (and config), the tokenizer, the token ids of every
+    sequence, the output label, the padding id (it decides where causal reward models pool), the
+    device type, the compute dtype and ``settings`` (see :mod:`rmlab.cache`).
+    """
+    model = inputs.model
+    seqs = inputs.sequences
+    meta = {
+        "kind": kind,
+        "version": SCORES_VERSION,
+        "model": weights_digest(model),
+        "model_class": type(model).__name__,
+        "tokenizer": tokenizer_digest(inputs.tokenizer),
+        "sequences": sequences_digest((s.ids for s in seqs), (s.start for s in seqs)),
+        "count": len(seqs),
+        "label": int(inputs.label),
+        "pad_id": int(inputs.pad_id),
+        "device": model_device(model).type,
+        "compute_dtype": compute_dtype(model, inputs.autocast_dtype),
+        **settings,
+    }
+    return ChunkCache(cache_dir, kind, meta, overwrite=overwrite)
+
+
+def cached_scores(inputs: RewardInputs, cache_dir, *, overwrite: bool = False, progress: bool = True) -> np.ndarray:
+    """:func:`score_sequences` of every sequence of ``inputs``, with a resumable cache.
+
+    The entry ``scores-<key>`` (see :func:`reward_cache`) holds one float64 score per sequence. The
+    model runs batch by batch on the same length-bucketed batches as :func:`score_sequences`, so
+    the scores equal an uncached call's; finished sequences are saved in chunks as they finish.
+    """
+    cache = reward_cache(inputs, cache_dir, "scores", overwrite=overwrite)
+    ids = [s.ids for s in inputs.sequences]
+    budget = inputs.batch_tokens or default_batch_tokens(model_device(inputs.model))
+    batches = length_batches([len(s) for s in ids], budget)  # exactly score_sequences' batches
+
+    def compute(todo: list[int]) -> dict[str, list]:
+        values = score_sequences(
+            inputs.model, [ids[i] for i in todo], pad_id=inputs.pad_id, label=inputs.label,
+            batch_tokens=inputs.batch_tokens, autocast_dtype=inputs.autocast_dtype, progress=False,
+        )
+        return {"score": values.tolist()}
+
+    out = run_cached(
+        cache, batches, compute, {"score": pa.float64()}, progress=progress, desc="reward scores", unit="seq"
+    )
+    return np.asarray(out["score"], dtype=np.float64)
 
 
 def _padded_batches(model, sequences, pad_id: int, batch_tokens, autocast_dtype, progress: bool, desc: str):

@@ -45,13 +45,13 @@ import os
 import warnings
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from rmlab.cache import ChunkCache, check_cache_args, tokenizer_digest, weights_digest
 from rmlab.engine.batching import length_batches
 from rmlab.engine.logprobs import Scored, token_logprobs
 from rmlab.errors import ArgumentError, DataError, ModelError, check_choice, closest
@@ -513,79 +513,6 @@ def completion_logprobs(
 
 
 # --------------------------------------------------------------------------------------------------
-# cache
-# --------------------------------------------------------------------------------------------------
-_DIGESTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def weights_digest(model) -> str:
-    """A digest of the model's class, config and every tensor of its state dict (exact bytes).
-
-    Cached per model object and recomputed when a parameter is changed in place (training).
-    Costs one read of the weights (about 1 GB/s on a CPU).
-    """
-    state = model.state_dict()
-    versions = tuple(t._version for t in state.values())
-    hit = _DIGESTS.get(model)
-    if hit is not None and hit[0] == versions:
-        return hit[1]
-    h = hashlib.blake2b(digest_size=16)
-    config = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
-    h.update(type(model).__name__.encode())
-    h.update(json.dumps(config, sort_keys=True, default=str).encode())
-    for name, tensor in state.items():
-        h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        h.update(tensor.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy().tobytes())
-    digest = h.hexdigest()
-    _DIGESTS[model] = (versions, digest)
-    return digest
-
-
-def tokenizer_digest(tokenizer) -> str:
-    """A digest of what decides a tokenizer's ids and text: its full definition and chat template."""
-    h = hashlib.blake2b(digest_size=16)
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        h.update(backend.to_str().encode())
-    else:
-        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    h.update(type(tokenizer).__name__.encode())
-    h.update(str(getattr(tokenizer, "chat_template", None)).encode())
-    h.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
-    return h.hexdigest()
-
-
-class _Cache:
-    """Chunks of finished rows as parquet files in one folder per fingerprint."""
-
-    def __init__(self, root, meta: dict):
-        self.meta = meta
-        key = hashlib.blake2b(json.dumps(meta, sort_keys=True).encode(), digest_size=12).hexdigest()
-        self.dir = Path(root) / f"samples-{key}"
-
-    def load(self) -> pd.DataFrame | None:
-        files = sorted(self.dir.glob("rows-*.parquet")) if self.dir.exists() else []
-        if not files:
-            return None
-        frame = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
-        frame["tokens"] = [list(map(int, t)) for t in frame["tokens"]]
-        return frame.drop_duplicates(["prompt_index", "sample"], keep="first").reset_index(drop=True)
-
-    def save(self, chunk: pd.DataFrame) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        meta_path = self.dir / "meta.json"
-        if not meta_path.exists():
-            meta_path.write_text(json.dumps(self.meta, indent=1, sort_keys=True))
-        k = len(list(self.dir.glob("rows-*.parquet")))
-        while (self.dir / f"rows-{k:06d}.parquet").exists():
-            k += 1
-        final = self.dir / f"rows-{k:06d}.parquet"
-        tmp = final.with_suffix(".tmp")
-        chunk.to_parquet(tmp, index=False)
-        os.replace(tmp, final)  # atomic: a chunk is either complete on disk or absent
-
-
-# --------------------------------------------------------------------------------------------------
 # batch sizes
 # --------------------------------------------------------------------------------------------------
 def _kv_bytes_per_token(model) -> int:
@@ -665,6 +592,7 @@ def sample(
     batch_tokens: int | None = None,
     backend: str = "hf",
     cache_dir: str | os.PathLike | None = None,
+    overwrite_cache: bool = False,
     logprobs: bool = True,
     eos_token_id: int | Sequence[int] | None = None,
     chat_template_kwargs: dict | None = None,
@@ -704,7 +632,9 @@ def sample(
         cache_dir: write every finished batch there (parquet, one folder per fingerprint of
             weights + tokenizer + prompts + settings) and skip rows already there: an interrupted
             call resumes where it stopped, and a later call with a larger ``n`` only samples the
-            new rows.
+            new rows. See :mod:`rmlab.cache` for what the fingerprint holds; delete the folder
+            to clear it.
+        overwrite_cache: delete this call's cache entry first and sample everything afresh.
         logprobs: compute the ``logp`` column (one extra batched forward pass); False leaves it NaN.
         eos_token_id: id(s) that end a completion (default: the model's generation config's EOS
             ids and the tokenizer's EOS).
@@ -758,6 +688,7 @@ def sample(
         batch_size=batch_size, batch_tokens=batch_tokens, backend=backend,
     )
     prompts, fmt = check_prompts(prompts)
+    check_cache_args(cache_dir, overwrite_cache)
     if on_chunk is not None and not callable(on_chunk):
         raise ArgumentError(f"on_chunk={on_chunk!r} must be a callable taking a DataFrame (or None).")
     if backend == "vllm":
@@ -778,8 +709,9 @@ def sample(
     cache = None
     if cache_dir is not None:
         dev = model_device(model)
-        cache = _Cache(
+        cache = ChunkCache(
             cache_dir,
+            "samples",
             {
                 "sampler_version": SAMPLER_VERSION,
                 "backend": backend,
@@ -795,13 +727,15 @@ def sample(
                 "device": dev.type,
                 "compute_dtype": str(_autocast_dtype(model, dtype) or next(model.parameters()).dtype),
             },
+            overwrite=overwrite_cache,
         )
 
     chunks: list[pd.DataFrame] = []
     done: set[int] = set()
     if cache is not None:
-        cached = cache.load()
+        cached = cache.load(unique=["prompt_index", "sample"])
         if cached is not None:
+            cached["tokens"] = [list(map(int, t)) for t in cached["tokens"]]
             cached = cached[cached["sample"] < n].reset_index(drop=True)
             if logprobs and cached["logp"].isna().any():
                 missing = cached["logp"].isna().to_numpy()

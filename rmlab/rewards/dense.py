@@ -20,19 +20,26 @@ Two ways to compute ``s_t``:
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
+from rmlab.cache import check_cache_args, run_cached
+from rmlab.engine.batching import default_batch_tokens, length_batches
 from rmlab.engine.reward_model import (
     RewardInputs,
     one_pass_problem,
     position_scores,
     prepare_reward_inputs,
+    reward_cache,
     score_sequences,
     shared_prompt_problem,
     shared_prompt_scores,
 )
 from rmlab.errors import ModelError, check_choice
+from rmlab.io.models import model_device
 from rmlab.io.tokenize import EncodedSequence, decode_tokens
 
 METHODS = ("auto", "one_pass", "prefix")
@@ -128,6 +135,8 @@ def dense_rewards(
     device="auto",
     dtype="auto",
     progress: bool = True,
+    cache_dir=None,
+    overwrite_cache: bool = False,
     **kwargs,
 ) -> pd.DataFrame:
     """Per-token rewards of an explicit reward model: how the score moves with each response token.
@@ -148,6 +157,12 @@ def dense_rewards(
             sequence whole; models where reusing the cache is not exact run whole sequences).
         tokenizer, label, max_length, truncation_mode, add_eos, batch_tokens, device, dtype,
             progress, **kwargs: as in :func:`rmlab.reward_scores`.
+        cache_dir: a folder for a resumable cache of the prefix scores ``s_t`` (``dense-<key>/``,
+            parquet chunks written as groups of a few batches finish, keyed as in
+            :func:`rmlab.reward_scores` plus the method; see :mod:`rmlab.cache`). An interrupted
+            call resumes where it stopped; a repeated call runs no model. Delete the folder to
+            clear it. None (default): no cache.
+        overwrite_cache: delete this call's cache entry first and compute everything afresh.
 
     Returns:
         One row per response token: ``pair`` (or ``row`` for single texts), ``side``
@@ -155,13 +170,14 @@ def dense_rewards(
         ``token_id``, ``token`` (decoded text), ``prefix_score`` (``s_t``), ``reward`` (``r_t``) and
         ``cum_reward`` (``s_t - s_prompt``, so ``prefix_score - cum_reward`` is ``s_prompt``).
         ``frame.attrs["method"]`` is the method used, ``frame.attrs["shared_prompt_pairs"]`` the
-        number of pairs whose prompt ran once.
+        number of pairs whose prompt ran once (in this call: pairs read from the cache ran none).
 
     Raises:
         ModelError: ``method="one_pass"`` for a model where it does not hold (an encoder), a causal
             LM or a multi-output head without ``label`` (see :func:`rmlab.reward_scores`).
     """
     check_choice("method", method, METHODS)
+    check_cache_args(cache_dir, overwrite_cache)
     inputs = prepare_reward_inputs(
         reward_model, data, tokenizer=tokenizer, label=label, max_length=max_length,
         truncation_mode=truncation_mode, add_eos=add_eos, batch_tokens=batch_tokens, device=device,
@@ -176,13 +192,55 @@ def dense_rewards(
             )
         method = "prefix" if problem else "one_pass"
     shared = 0
-    if method == "one_pass":
+    if cache_dir is not None:
+        runs, shared = _cached_runs(inputs, method, share_prompt, cache_dir, overwrite_cache, progress)
+    elif method == "one_pass":
         runs, shared = _one_pass_scores(inputs, progress, share_prompt)
     else:
         runs = _prefix_scores(inputs, progress)
     frame = _token_frame(inputs, runs, method)
     frame.attrs["shared_prompt_pairs"] = shared
     return frame
+
+
+#: A cached dense-rewards run computes this many batches' worth of tokens between saves.
+_BATCHES_PER_CHUNK = 8
+
+
+def _cached_runs(inputs: RewardInputs, method: str, share_prompt: bool, cache_dir, overwrite: bool, progress: bool):
+    """``[s_prompt, s_0, ...]`` per sequence as the uncached path computes them, a few batches at a
+    time (rows or pairs of similar length together), each group saved to the cache as it finishes.
+    Returns the runs and how many pairs ran their prompt once in this call."""
+    cache = reward_cache(inputs, cache_dir, "dense", overwrite=overwrite, method=method)
+    width = len(inputs.sides)
+    seqs = inputs.sequences
+    if method == "prefix":  # every prefix is run alone
+        cost = [sum(s.start + k for k in range(s.n_response + 1)) for s in seqs]
+    else:
+        cost = [len(s.ids) for s in seqs]
+    items = [sum(cost[i * width : (i + 1) * width]) for i in range(len(seqs) // width)]
+    budget = (inputs.batch_tokens or default_batch_tokens(model_device(inputs.model))) * _BATCHES_PER_CHUNK
+    groups = length_batches(items, budget)
+    shared = 0
+
+    def compute(todo: list[int]) -> dict[str, list]:
+        nonlocal shared
+        part = dataclasses.replace(inputs, sequences=[seqs[i * width + k] for i in todo for k in range(width)])
+        if method == "one_pass":
+            runs, n_shared = _one_pass_scores(part, False, share_prompt)
+            shared += n_shared
+        else:
+            runs = _prefix_scores(part, False)
+        return {side: runs[k::width] for k, side in enumerate(inputs.sides)}
+
+    out = run_cached(
+        cache, groups, compute, {side: pa.list_(pa.float64()) for side in inputs.sides},
+        progress=progress, desc="dense rewards", unit="pair" if width == 2 else "row",
+    )
+    runs = [
+        np.asarray(out[side][i], dtype=np.float64) for i in range(len(seqs) // width) for side in inputs.sides
+    ]
+    return runs, shared
 
 
 def _token_frame(inputs: RewardInputs, runs: list[np.ndarray], method: str) -> pd.DataFrame:

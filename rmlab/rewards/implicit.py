@@ -8,8 +8,11 @@ values of an implicit process reward model (Yuan et al. 2024, "Free Process Rewa
 Labels"; PRIME, Cui et al. 2025).
 
 Every function here takes the same keyword arguments (``tokenizer``, ``beta``, ``max_length``,
-``truncation_mode``, ``add_eos``, ``batch_tokens``, ``device``, ``dtype``, ``progress``) and returns a
-tidy pandas DataFrame. Numbers match TRL's ``DPOTrainer`` logs for the same models and data.
+``truncation_mode``, ``add_eos``, ``batch_tokens``, ``device``, ``dtype``, ``progress``,
+``cache_dir``, ``overwrite_cache``) and returns a tidy pandas DataFrame. With ``cache_dir`` the
+per-token log-probs of each model are cached on disk as they are computed (:mod:`rmlab.cache`): an
+interrupted call resumes, a repeated one reads them back, and every function here shares them.
+Numbers match TRL's ``DPOTrainer`` logs for the same models and data.
 """
 
 from __future__ import annotations
@@ -19,8 +22,20 @@ import re
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
-from rmlab.engine.pairs import PairLogprobs, check_beta, pair_logprobs
+from rmlab.cache import (
+    ChunkCache,
+    check_cache_args,
+    compute_dtype,
+    run_cached,
+    sequences_digest,
+    tokenizer_digest,
+    weights_digest,
+)
+from rmlab.engine.batching import default_batch_tokens, length_batches
+from rmlab.engine.logprobs import token_logprobs
+from rmlab.engine.pairs import PairInputs, PairLogprobs, check_beta, pair_logprobs, prepare_pair_inputs
 from rmlab.errors import ArgumentError, DataError
 from rmlab.io.pairs import read_table
 from rmlab.io.tokenize import decode_tokens
@@ -28,7 +43,10 @@ from rmlab.io.tokenize import decode_tokens
 _SIDES = ("chosen", "rejected")
 
 
-def _run(policy, reference, data, *, reference_free: bool, **kwargs) -> PairLogprobs:
+def _run(
+    policy, reference, data, *, reference_free: bool, cache_dir=None, overwrite_cache: bool = False,
+    progress: bool = True, **kwargs,
+) -> PairLogprobs:
     if reference is None and not reference_free:
         raise ArgumentError(
             "reference=None: implicit DPO rewards are log-ratios to a reference model. Pass the "
@@ -39,7 +57,79 @@ def _run(policy, reference, data, *, reference_free: bool, **kwargs) -> PairLogp
         raise ArgumentError(
             "reference_free=True ignores the reference model; pass reference=None to make that explicit."
         )
-    return pair_logprobs(policy, reference, data, **kwargs)
+    check_cache_args(cache_dir, overwrite_cache)
+    if cache_dir is None:
+        return pair_logprobs(policy, reference, data, progress=progress, **kwargs)
+    inputs = prepare_pair_inputs(policy, reference, data, **kwargs)
+    runs = {
+        role: cached_logprobs(inputs, model, role, cache_dir, overwrite=overwrite_cache, progress=progress)
+        for role, model in (("policy", inputs.policy), ("reference", inputs.reference))
+        if model is not None
+    }
+    return PairLogprobs(
+        pairs=inputs.pairs, encoded=inputs.encoded, policy=runs["policy"], reference=runs.get("reference"),
+        tokenizer=inputs.tokenizer,
+    )
+
+
+#: Bump when a change to the engine changes the log-probs it computes (invalidates caches).
+LOGPROBS_VERSION = 1
+
+_FLOATS = pa.list_(pa.float32())
+
+
+def cached_logprobs(
+    inputs: PairInputs, model, role: str, cache_dir, *, overwrite: bool = False, progress: bool = True
+) -> list[np.ndarray]:
+    """:func:`rmlab.engine.pairs.run_logprobs` with a resumable cache in ``cache_dir``.
+
+    The entry ``logprobs-<key>`` holds, per pair, the per-token log-probs of the chosen and the
+    rejected response under ``model`` (float32, exactly as the engine returns them); its key is the
+    model's weights, the tokenizer, the token ids of every sequence (and where its response starts),
+    the device type and the compute dtype (see :mod:`rmlab.cache`). It depends on nothing else, so a
+    reference model's entry serves every policy scored against it, and ``beta`` never enters it.
+    The engine runs batch by batch on the same length-bucketed batches as without a cache, so the
+    numbers are the same as an uncached call's; finished pairs are saved in chunks as they finish.
+    """
+    device = next(model.parameters()).device
+    autocast = inputs.autocast_dtype(model)
+    seqs = inputs.sequences
+    meta = {
+        "kind": "per-token log-probs of chosen and rejected responses",
+        "version": LOGPROBS_VERSION,
+        "model": weights_digest(model),
+        "model_class": type(model).__name__,
+        "tokenizer": tokenizer_digest(inputs.tokenizer),
+        "sequences": sequences_digest((s.ids for s in seqs), (s.start for s in seqs)),
+        "pairs": len(inputs.encoded),
+        "device": device.type,
+        "compute_dtype": compute_dtype(model, autocast),
+    }
+    cache = ChunkCache(cache_dir, "logprobs", meta, overwrite=overwrite)
+    budget = inputs.batch_tokens or default_batch_tokens(device)
+    lengths = [max(len(p.chosen.ids), len(p.rejected.ids)) for p in inputs.encoded]
+    batches = length_batches(lengths, budget, width=2)  # exactly the engine's batches
+
+    def compute(todo: list[int]) -> dict[str, list]:
+        values = token_logprobs(
+            model,
+            [s for i in todo for s in (seqs[2 * i], seqs[2 * i + 1])],
+            groups=[[2 * k, 2 * k + 1] for k in range(len(todo))],
+            batch_tokens=inputs.batch_tokens,
+            pad_id=inputs.pad_id,
+            autocast_dtype=autocast,
+            progress=False,
+        )
+        return {"chosen": values[0::2], "rejected": values[1::2]}
+
+    out = run_cached(
+        cache, batches, compute, {"chosen": _FLOATS, "rejected": _FLOATS},
+        progress=progress, desc=f"{role} log-probs", unit="pair",
+    )
+    return [
+        np.asarray(v, dtype=np.float32) for pair in zip(out["chosen"], out["rejected"]) for v in pair
+    ]
+
 
 
 def _sum(values: np.ndarray) -> float:
@@ -62,6 +152,8 @@ def implicit_rewards(
     device="auto",
     dtype="auto",
     progress: bool = True,
+    cache_dir=None,
+    overwrite_cache: bool = False,
     **kwargs,
 ) -> pd.DataFrame:
     """Implicit DPO rewards, margins and accuracy per preference pair.
@@ -86,7 +178,16 @@ def implicit_rewards(
         batch_tokens: padded tokens per forward pass (default 2048 on CPU, 32768 on CUDA).
         device: ``"auto"`` (CUDA if present), ``"cpu"``, ``"cuda"``...
         dtype: ``"auto"`` (bf16 on CUDA, fp32 on CPU) or an explicit dtype.
-        progress: show progress bars.
+        progress: show progress bars (pairs already cached count as done).
+        cache_dir: a folder for a resumable cache of the per-token log-probs (one entry per model:
+            ``logprobs-<key>/``, parquet chunks written as batches finish, keyed by the model's
+            weights, the tokenizer, the token ids scored, the device type and compute dtype; see
+            :mod:`rmlab.cache`). An interrupted call resumes where it stopped; a repeated call
+            runs no model. Rewards are derived from the cached log-probs, so another ``beta``,
+            ``reference_free`` or ``length_normalize`` reuses the cache, and so does another policy
+            scored against the same reference. Delete the folder to clear it. None (default): no
+            cache.
+        overwrite_cache: delete this call's cache entries first and compute everything afresh.
         **kwargs: ``chat_template_kwargs``, ``trust_remote_code``.
 
     Returns:
@@ -120,6 +221,8 @@ def implicit_rewards(
         device=device,
         dtype=dtype,
         progress=progress,
+        cache_dir=cache_dir,
+        overwrite_cache=overwrite_cache,
         **kwargs,
     )
     n = len(lp.encoded)
@@ -239,13 +342,16 @@ def token_rewards(
     device="auto",
     dtype="auto",
     progress: bool = True,
+    cache_dir=None,
+    overwrite_cache: bool = False,
     **kwargs,
 ) -> pd.DataFrame:
     """Token-level implicit rewards ``r_t = beta * (log pi(y_t|.) - log pi_ref(y_t|.))``.
 
     Follows Rafailov et al. 2024 ("From r to Q*: Your Language Model is Secretly a Q-Function"):
     a DPO policy's log-ratio at each token is a dense reward whose sum is the sequence reward of
-    :func:`implicit_rewards`. Arguments as in :func:`implicit_rewards`.
+    :func:`implicit_rewards`. Arguments as in :func:`implicit_rewards` (``cache_dir`` caches the
+    per-token log-probs, shared with :func:`implicit_rewards` and :func:`step_rewards`).
 
     Returns:
         One row per scored response token: ``pair``, ``side`` ("chosen"/"rejected"), ``position``
@@ -257,7 +363,8 @@ def token_rewards(
     lp = _run(
         policy, reference, data, reference_free=reference_free, tokenizer=tokenizer,
         max_length=max_length, truncation_mode=truncation_mode, add_eos=add_eos,
-        batch_tokens=batch_tokens, device=device, dtype=dtype, progress=progress, **kwargs,
+        batch_tokens=batch_tokens, device=device, dtype=dtype, progress=progress, cache_dir=cache_dir,
+        overwrite_cache=overwrite_cache, **kwargs,
     )
     frame = _token_table(lp, beta, reference_free)
     frame.attrs.update(beta=beta, reference_free=reference_free)
@@ -323,6 +430,8 @@ def step_rewards(
     device="auto",
     dtype="auto",
     progress: bool = True,
+    cache_dir=None,
+    overwrite_cache: bool = False,
     **kwargs,
 ) -> pd.DataFrame:
     """Process (step) rewards of an implicit PRM.
@@ -347,7 +456,8 @@ def step_rewards(
     lp = _run(
         policy, reference, _join_steps(data, delimiter), reference_free=reference_free,
         tokenizer=tokenizer, max_length=max_length, truncation_mode=truncation_mode, add_eos=add_eos,
-        batch_tokens=batch_tokens, device=device, dtype=dtype, progress=progress, **kwargs,
+        batch_tokens=batch_tokens, device=device, dtype=dtype, progress=progress, cache_dir=cache_dir,
+        overwrite_cache=overwrite_cache, **kwargs,
     )
     tokens = _token_table(lp, beta, reference_free)
     rows = []

@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from rmlab.engine.reward_model import prepare_reward_inputs, score_sequences
+from rmlab.cache import check_cache_args
+from rmlab.engine.reward_model import cached_scores, prepare_reward_inputs, score_sequences
 
 
 def reward_scores(
@@ -27,6 +28,8 @@ def reward_scores(
     device="auto",
     dtype="auto",
     progress: bool = True,
+    cache_dir=None,
+    overwrite_cache: bool = False,
     **kwargs,
 ) -> pd.DataFrame:
     """Score preference pairs, or single texts, with an explicit reward model.
@@ -49,6 +52,12 @@ def reward_scores(
             and does not add it itself.
         batch_tokens: padded tokens per forward pass (default 2048 on CPU, 32768 on CUDA).
         device, dtype, progress: as in :func:`rmlab.implicit_rewards`.
+        cache_dir: a folder for a resumable cache of the scores (``scores-<key>/``, parquet chunks
+            written as batches finish, keyed by the reward model's weights, the tokenizer, the token
+            ids scored, ``label``, the padding id, the device type and compute dtype; see
+            :mod:`rmlab.cache`). An interrupted call resumes where it stopped; a repeated call runs
+            no model. Delete the folder to clear it. None (default): no cache.
+        overwrite_cache: delete this call's cache entry first and score everything afresh.
         **kwargs: ``chat_template_kwargs``, ``trust_remote_code``.
 
     Returns:
@@ -65,15 +74,19 @@ def reward_scores(
         >>> list(frame.columns[:3])
         ['row', 'score', 'tokens']
     """
+    check_cache_args(cache_dir, overwrite_cache)
     inputs = prepare_reward_inputs(
         reward_model, data, tokenizer=tokenizer, label=label, max_length=max_length,
         truncation_mode=truncation_mode, add_eos=add_eos, batch_tokens=batch_tokens, device=device,
         dtype=dtype, **kwargs,
     )
-    scores = score_sequences(
-        inputs.model, [s.ids for s in inputs.sequences], pad_id=inputs.pad_id, label=inputs.label,
-        batch_tokens=inputs.batch_tokens, autocast_dtype=inputs.autocast_dtype, progress=progress,
-    )
+    if cache_dir is None:
+        scores = score_sequences(
+            inputs.model, [s.ids for s in inputs.sequences], pad_id=inputs.pad_id, label=inputs.label,
+            batch_tokens=inputs.batch_tokens, autocast_dtype=inputs.autocast_dtype, progress=progress,
+        )
+    else:
+        scores = cached_scores(inputs, cache_dir, overwrite=overwrite_cache, progress=progress)
     seqs = inputs.sequences
     if inputs.kind == "responses":
         frame = pd.DataFrame(
