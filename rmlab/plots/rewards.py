@@ -59,6 +59,7 @@ def token_reward_text(
     *,
     width: int = 12,
     max_tokens: int = 600,
+    start: int = 0,
     value: str = "reward",
     title: str | None = None,
 ) -> go.Figure:
@@ -71,7 +72,9 @@ def token_reward_text(
             ``position``, ``token`` and the ``value`` column.
         pair: which pair (or row) to show.
         width: tokens per line.
-        max_tokens: longer responses are cut here (the title says so), so a figure stays usable.
+        max_tokens: at most this many tokens of each response are drawn (the title says which), so a
+            figure stays usable for responses of thousands of tokens; page through them with ``start``.
+        start: index of the first token drawn (pages: ``start = k * max_tokens``).
         value: the column that colours the tokens (``"reward"`` by default).
         title: figure title.
 
@@ -87,11 +90,12 @@ def token_reward_text(
     sides = [s for s in ("chosen", "rejected", "response") if (rows["side"] == s).any()]
     fig = make_subplots(rows=1, cols=len(sides), subplot_titles=sides, horizontal_spacing=0.04)
     bound = float(np.nanmax(np.abs(rows[value].to_numpy()))) or 1.0
-    cut = False
+    if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or start < 0:
+        raise DataError(f"start={start!r} must be a token index >= 0.")
+    longest = int(rows.groupby("side", observed=True).size().max())
+    cut = start > 0 or longest > max_tokens
     for col, side in enumerate(sides, start=1):
-        part = rows[rows["side"] == side].sort_values("position")
-        if len(part) > max_tokens:
-            part, cut = part.iloc[:max_tokens], True
+        part = rows[rows["side"] == side].sort_values("position").iloc[start : start + max_tokens]
         n = len(part)
         lines = max(1, int(np.ceil(n / width)))
         z = np.full((lines, width), np.nan)
@@ -120,8 +124,9 @@ def token_reward_text(
     total = rows.groupby("side", observed=True)[value].sum()
     summary = ", ".join(f"{s}: {total.get(s, float('nan')):+.3f}" for s in sides)
     fig.update_layout(
-        title=(title or f"{value} per token, {key} {pair} ({summary})") + (f" - first {max_tokens} tokens" if cut else ""),
-        height=170 + 42 * max(2, int(np.ceil(min(rows.groupby("side", observed=True).size().max(), max_tokens) / width))),
+        title=(title or f"{value} per token, {key} {pair} ({summary})")
+        + (f" - tokens {start}-{min(start + max_tokens, longest) - 1} of {longest}" if cut else ""),
+        height=170 + 42 * max(2, int(np.ceil(max(1, min(longest - start, max_tokens)) / width))),
         margin=dict(t=90, b=20, l=20, r=20),
         plot_bgcolor="white",
     )
