@@ -134,7 +134,7 @@ def prepare_reward_inputs(
     else:
         sequences = encode_responses(frame, tok, **options)
         where = [f"Row {i}" for i in range(len(sequences))]
-    check_context(list(zip(where, (len(s.ids) for s in sequences))), model, role, max_length)
+    check_context([(w, len(s.ids), s.start) for w, s in zip(where, sequences)], model, role, max_length)
     pad_id = model.config.pad_token_id
     if pad_id is None:
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
