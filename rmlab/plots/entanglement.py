@@ -10,6 +10,15 @@ from rmlab.errors import DataError
 from rmlab.plots.rewards import REWARD_COLORSCALE, _require
 
 
+#: Short colour-bar titles for the columns entanglement figures are usually coloured by.
+_COLOR_LABELS = {
+    "pred_delta_chosen": "predicted<br>Δ log π(y_w)",
+    "real_delta_chosen": "realised<br>Δ log π(y_w)",
+    "pred_delta_rejected": "predicted<br>Δ log π(y_l)",
+    "real_delta_rejected": "realised<br>Δ log π(y_l)",
+}
+
+
 def _spearman(x, y) -> float:
     x, y = pd.Series(np.asarray(x, dtype=float)), pd.Series(np.asarray(y, dtype=float))
     ok = x.notna() & y.notna()
@@ -39,8 +48,9 @@ def entanglement_scatter(frame: pd.DataFrame, *, color: str | None = None, title
         # the colour range covers 95% of the pairs, so one outlier does not wash the others out
         bound = float(np.nanquantile(np.abs(values), 0.95)) if np.isfinite(values).any() else 1.0
         bound = bound or 1.0
+        label = _COLOR_LABELS.get(color, color)
         marker.update(color=values, colorscale=REWARD_COLORSCALE, cmid=0, cmin=-bound, cmax=bound,
-                      colorbar=dict(title=dict(text=color, side="right"), thickness=12))
+                      colorbar=dict(title=dict(text=label, side="top"), thickness=12, len=0.8))
     pairs = frame["pair"] if "pair" in frame.columns else pd.Series(np.arange(len(frame)))
     falls = y > x
     fig = go.Figure()
@@ -181,7 +191,8 @@ def ches_vs_change(ches: pd.DataFrame, change: pd.DataFrame, *, score: str = "ln
     rho = _spearman(merged[score], merged["delta_chosen"])
     fig = go.Figure(
         go.Scatter(
-            x=merged[score], y=merged["delta_chosen"], mode="markers", customdata=merged["pair"],
+            x=merged[score], y=merged["delta_chosen"], mode="markers", customdata=merged["pair"], name="pairs",
+            showlegend=False,
             marker=dict(size=7, opacity=0.7, color=np.where(merged["delta_chosen"] < 0, "#b2182b", "#2166ac")),
             hovertemplate="pair %{customdata}<br>" + score + " %{x:.4g}<br>Δ log π(y_w) %{y:.3f}<extra></extra>",
         )

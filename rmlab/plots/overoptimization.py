@@ -147,10 +147,10 @@ def overoptimization_curve(
     )
     if bon:
         fig.add_annotation(
-            text=_KL_NOTE, xref="paper", yref="paper", x=0, y=-0.22, showarrow=False, font=dict(size=10),
-            xanchor="left",
+            text=_KL_NOTE, xref="paper", yref="paper", x=0, y=-0.3, showarrow=False, font=dict(size=10),
+            xanchor="left", yanchor="top",
         )
-        fig.update_layout(margin=dict(b=90))
+        fig.update_layout(margin=dict(b=110))
     return fig
 
 

@@ -60,7 +60,7 @@ def calibration_diagram(report, *, title: str | None = None) -> go.Figure:
             title += f" (accuracy {summary['accuracy']:.3f}, ECE {summary['ece']:.3f})"
     fig.update_layout(
         title=title, xaxis_title="confidence max(p, 1-p), p = sigmoid(margin)", yaxis_title="observed accuracy",
-        xaxis_range=[0.48, 1.02], yaxis_range=[0, 1.02], legend=dict(x=0.01, y=0.01),
+        xaxis_range=[0.48, 1.02], yaxis_range=[0, 1.02], legend=dict(orientation="h", y=-0.2),
     )
     return fig
 

@@ -27,8 +27,8 @@ class EntanglementExplorer(Explorer):
             loss weight; without one the beta slider is disabled).
         selection: the shared :class:`Selection`; clicking a point selects its pair.
 
-    Left: ``<g_w, g_l>`` against ``|g_w|^2`` (above the dashed line the chosen log-prob falls), coloured
-    by the predicted change of the chosen log-prob. Right: the predicted changes of the rejected and
+    Top: ``<g_w, g_l>`` against ``|g_w|^2`` (above the dashed line the chosen log-prob falls), coloured
+    by the predicted change of the chosen log-prob. Below: the predicted changes of the rejected and
     the chosen log-prob per pair.
     """
 
@@ -48,7 +48,7 @@ class EntanglementExplorer(Explorer):
         for fig in (self.scatter, self.changes):
             fig.layout.height = 460
         super().__init__(
-            [widgets.HBox([self.lr, self.beta]), self.summary, widgets.HBox([self.scatter, self.changes])],
+            [widgets.HBox([self.lr, self.beta]), self.summary, self.scatter, self.changes],
             selection=selection,
         )
         for slider in (self.lr, self.beta):
