@@ -164,6 +164,7 @@ def brute_logps(model, seq) -> float:
     return float(sum(logp[t - 1, seq.ids[t]].item() for t in range(seq.start, len(seq.ids))))
 
 
+@pytest.mark.filterwarnings("ignore::rmlab.errors.DataWarning")  # the data is bad on purpose here
 @pytest.mark.parametrize("length_normalize", [False, True])
 def test_ranking_accuracy_equals_brute_force(policy, reference, tok, length_normalize):
     pairs = make_pairs(10, seed=5)

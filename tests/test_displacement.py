@@ -112,6 +112,7 @@ def test_batched_padded_hidden_sums_equal_unbatched(arch, bos):
         np.testing.assert_allclose(batched.positions[k], hand.numpy(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore::rmlab.errors.DataWarning")  # the data is bad on purpose here
 def test_ches_truncated_to_nothing_is_nan_and_unranked():
     tok = tiny_tokenizer()
     pairs = make_pairs(3, seed=1) + [

@@ -21,6 +21,7 @@ SPECIAL = set(TOK.all_special_ids)
 TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40)
 
 
+@pytest.mark.filterwarnings("ignore::rmlab.errors.DataWarning")  # the data is bad on purpose here
 @settings(max_examples=150, deadline=None, derandomize=True)
 @given(prompt=TEXT, chosen=TEXT, rejected=TEXT)
 def test_text_pairs_decode_back_or_fail_cleanly(prompt, chosen, rejected):
@@ -56,6 +57,7 @@ def test_text_pairs_decode_back_or_fail_cleanly(prompt, chosen, rejected):
     chosen=TEXT,
     rejected=TEXT,
 )
+@pytest.mark.filterwarnings("ignore::rmlab.errors.DataWarning")  # the data is bad on purpose here
 def test_chat_pairs_never_fail_with_a_foreign_exception(turns, chosen, rejected):
     rows = [{"prompt": turns, "chosen": [{"role": "assistant", "content": chosen}],
              "rejected": [{"role": "assistant", "content": rejected}]}]
@@ -80,6 +82,7 @@ COMBINED = st.lists(st.one_of(TEXT, WHITESPACE, UNICODE), min_size=1, max_size=3
 @settings(max_examples=120, deadline=None, derandomize=True)
 @given(prompt=st.one_of(WHITESPACE, UNICODE, COMBINED), chosen=st.one_of(WHITESPACE, UNICODE, COMBINED),
        rejected=st.one_of(WHITESPACE, UNICODE, COMBINED))
+@pytest.mark.filterwarnings("ignore::rmlab.errors.DataWarning")  # the data is bad on purpose here
 def test_whitespace_and_unicode_text_decode_back_or_fail_cleanly(prompt, chosen, rejected):
     test_text_pairs_decode_back_or_fail_cleanly.hypothesis.inner_test(prompt, chosen, rejected)
 

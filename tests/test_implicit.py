@@ -52,6 +52,7 @@ def test_metrics_equal_trl(arch, chat, bos, tmp_path):
     assert 0 < got["rewards/accuracies"] < 1, "a degenerate accuracy would not test the comparison"
 
 
+@pytest.mark.filterwarnings("ignore::rmlab.errors.DataWarning")  # the data is bad on purpose here
 def test_metrics_equal_trl_with_truncation(tmp_path, tok, policy, reference):
     pairs = make_pairs(8, seed=3)
     expected = trl_eval_metrics(policy, reference, tok, pairs, 0.1, tmp_path, max_length=14)
@@ -131,6 +132,7 @@ def test_step_rewards(policy, reference, tok):
     assert (a[a.side == "rejected"]["step"] == [0, 1]).all()
 
 
+@pytest.mark.filterwarnings("ignore::rmlab.errors.DataWarning")  # the data is bad on purpose here
 def test_truncated_pairs_are_reported_not_dropped(policy, reference, tok, pairs):
     full = rmlab.implicit_rewards(policy, reference, pairs, tokenizer=tok, progress=False)
     limit = int(np.median(full["prompt_tokens"] + full[["tokens_chosen", "tokens_rejected"]].max(axis=1)))

@@ -401,6 +401,7 @@ def truncation_rows():
     return make_pairs(8, seed=3) + [dict(LONG_PROMPT)]
 
 
+@pytest.mark.filterwarnings("ignore::rmlab.errors.DataWarning")  # the data is bad on purpose here
 @pytest.mark.parametrize("mode", ["keep_start", "keep_end"])
 def test_truncation_lengths_flags_and_kept_tokens(mode):
     tok = tiny_tokenizer()
@@ -430,6 +431,7 @@ def test_truncation_lengths_flags_and_kept_tokens(mode):
     assert encode_pairs(pairs, tok, max_length=None) == full
 
 
+@pytest.mark.filterwarnings("ignore::rmlab.errors.DataWarning")  # the data is bad on purpose here
 def test_prompt_longer_than_max_length():
     tok = tiny_tokenizer()
     pairs = load_pairs([LONG_PROMPT])
@@ -448,6 +450,7 @@ def test_prompt_longer_than_max_length():
     assert end.rejected.truncated and end.truncated
 
 
+@pytest.mark.filterwarnings("ignore::rmlab.errors.DataWarning")  # the data is bad on purpose here
 @pytest.mark.parametrize("mode", ["keep_start", "keep_end"])
 @pytest.mark.parametrize("max_length", [6, 14, 25])
 def test_truncation_equals_trl_collator(mode, max_length, models, tmp_path):
@@ -473,6 +476,7 @@ def test_truncation_equals_trl_collator(mode, max_length, models, tmp_path):
             assert scored == list(range(seq.start, len(seq.ids))), (i, k)
 
 
+@pytest.mark.filterwarnings("ignore::rmlab.errors.DataWarning")  # the data is bad on purpose here
 @pytest.mark.parametrize("max_length", [12, 20])
 def test_trl_drops_exactly_the_pairs_left_without_response(max_length, models, tmp_path):
     """TRL's keep_start filter removes pairs whose prompt fills max_length; rmlab keeps and flags them."""
