@@ -234,3 +234,22 @@ def test_dashboard_shares_one_selection(world, held, rewards, entangled, run, ch
     assert "pair 7" in board.banner.value
     with pytest.raises(rmlab.ArgumentError, match="not rmlab explorers"):
         W.Dashboard({"x": object()})
+
+
+def test_token_viewer_pages_through_long_responses():
+    n = 1500
+    tokens = pd.DataFrame({
+        "pair": 0, "side": ["chosen"] * n + ["rejected"] * 5, "position": list(range(n)) + list(range(5)),
+        "token": [f"t{i}" for i in range(n)] + list("abcde"), "reward": np.linspace(-1, 1, n + 5),
+    })
+    pairs = [{"prompt": "p", "chosen": "long", "rejected": "short"}]
+    viewer = W.TokenRewardViewer(pairs, frames={"implicit DPO reward": tokens}, max_tokens=600)
+    assert viewer.last_error is None and viewer.page.layout.display is None
+    assert viewer.page.max == 1200
+    z = np.asarray(viewer.figure.data[0].z, float).ravel()
+    assert np.isfinite(z).sum() == 600 and z[0] == tokens["reward"].iloc[0]
+    viewer.page.value = 1200
+    z = np.asarray(viewer.figure.data[0].z, float).ravel()
+    assert np.isfinite(z).sum() == 300
+    np.testing.assert_allclose(z[:300], tokens["reward"].iloc[1200:1500])
+    assert "tokens 1200-1499 of 1500" in viewer.figure.layout.title.text

@@ -52,8 +52,8 @@ class TokenRewardViewer(Explorer):
         frames: precomputed per-token frames by mode (e.g. ``{"implicit DPO reward": tokens}``), used
             instead of computing; rows of any pair present are shown as they are.
         selection: the shared :class:`Selection`; pair 0 is selected when it has none.
-        width, max_tokens: tokens per line and the cut for long responses (see
-            :func:`rmlab.plots.token_reward_text`).
+        width, max_tokens: tokens per line and tokens drawn at once: a longer response gets a
+            "from token" slider to page through it (see :func:`rmlab.plots.token_reward_text`).
         **options: passed to the core calls (``max_length``, ``device``, ``dtype``, ...).
     """
 
@@ -79,6 +79,7 @@ class TokenRewardViewer(Explorer):
         self.attribution_method = attribution_method
         self.width, self.max_tokens = width, max_tokens
         self.cache: dict[tuple[str, int], pd.DataFrame] = {}
+        self._paging = False
         given = dict(frames or {})
         unknown = sorted(set(given) - set(MODES))
         if unknown:
@@ -96,11 +97,15 @@ class TokenRewardViewer(Explorer):
                                            layout=widgets.Layout(width="160px"))
         self.status = widgets.HTML()
         self.text = widgets.HTML()
+        # long responses are drawn a page of max_tokens at a time; the slider appears when needed
+        self.page = widgets.IntSlider(value=0, min=0, max=0, step=max_tokens, description="from token",
+                                      continuous_update=False, layout=widgets.Layout(display="none", width="520px"))
         self.figure = go.FigureWidget()
-        super().__init__([widgets.HBox([self.pair, self.status]), self.mode, self.text, self.figure],
+        super().__init__([widgets.HBox([self.pair, self.status]), self.mode, self.text, self.page, self.figure],
                          selection=selection)
         self.pair.observe(self.callback(lambda change: self.select(change["new"])), "value")
         self.mode.observe(self.callback(lambda _change: self.redraw()), "value")
+        self.page.observe(self.callback(lambda _change: None if self._paging else self.redraw()), "value")
         if self.selection.pair is None:
             self.select(0)
         else:
@@ -120,6 +125,11 @@ class TokenRewardViewer(Explorer):
             raise ArgumentError(f"pair {pair} is not in the data (pairs 0..{len(self.pairs) - 1}).")
         if self.pair.value != pair:
             self.pair.value = pair
+        self._paging = True  # a new pair starts at its first token
+        try:
+            self.page.value = 0
+        finally:
+            self._paging = False
         self.redraw()
 
     def tokens(self, mode: str, pair: int) -> pd.DataFrame:
@@ -162,7 +172,11 @@ class TokenRewardViewer(Explorer):
             value = "attribution" if mode == ATTRIBUTION else "reward"
             if tokens.empty:
                 raise ArgumentError(f"the precomputed {mode} frame has no rows for pair {pair}.")
-            fig = plots.token_reward_text(tokens, pair, value=value, width=self.width, max_tokens=self.max_tokens)
+            longest = int(tokens.groupby("side").size().max())
+            self.page.max = max(0, (longest - 1) // self.max_tokens * self.max_tokens)
+            self.page.layout.display = None if longest > self.max_tokens else "none"
+            fig = plots.token_reward_text(tokens, pair, value=value, width=self.width, max_tokens=self.max_tokens,
+                                          start=min(self.page.value, self.page.max))
             replace_figure(self.figure, fig)
             prompt = self.pairs.iloc[pair]["prompt"]
             self.text.value = (
