@@ -1,7 +1,7 @@
 """Fingerprints and a resumable parquet cache for long computations.
 
 Long calls (:func:`rmlab.sample`, :func:`rmlab.implicit_rewards` and the other scoring functions)
-accept ``cache_dir``. Their results are written there as they finish, in chunks of parquet files,
+accept ``cache_dir`` (default: the ``RMLAB_CACHE_DIR`` environment variable, if set). Their results are written there as they finish, in chunks of parquet files,
 in one folder per *fingerprint*: a digest of everything that decides the numbers. A call that is
 interrupted (``KeyboardInterrupt``, a crash, a killed kernel) resumes where it stopped when called
 again with the same arguments, and a call whose inputs are cached does not run a model at all.
@@ -133,14 +133,38 @@ def compute_dtype(model, autocast_dtype) -> str:
     return str(autocast_dtype or next(model.parameters()).dtype)
 
 
-def check_cache_args(cache_dir, overwrite_cache) -> None:
-    """Raise :class:`ArgumentError` for a ``cache_dir`` that is not a path or a non-bool overwrite."""
-    if cache_dir is not None and not isinstance(cache_dir, (str, os.PathLike)):
-        raise ArgumentError(f"cache_dir={cache_dir!r} must be a folder path (str or Path) or None.")
+#: Environment variable naming a default cache folder for every call that takes ``cache_dir``.
+CACHE_ENV = "RMLAB_CACHE_DIR"
+
+
+def resolve_cache_dir(cache_dir, overwrite_cache):
+    """The cache folder a call uses, after checking its arguments (or None: no cache).
+
+    ``cache_dir=None`` means the folder in the ``RMLAB_CACHE_DIR`` environment variable when it is
+    set (so one line, ``os.environ["RMLAB_CACHE_DIR"] = "rmlab-cache"``, makes every long call of a
+    session resumable and re-runs free), else no cache; ``cache_dir=False`` turns caching off even
+    then. Raises :class:`ArgumentError` for a ``cache_dir`` that is not a path, a non-bool
+    ``overwrite_cache``, or ``overwrite_cache=True`` without a cache.
+    """
+    if cache_dir is False:
+        cache_dir = False
+    elif cache_dir is not None and (isinstance(cache_dir, bool) or not isinstance(cache_dir, (str, os.PathLike))):
+        raise ArgumentError(
+            f"cache_dir={cache_dir!r} must be a folder path (str or Path), None (the {CACHE_ENV} folder "
+            "if set, else no cache) or False (no cache)."
+        )
     if not isinstance(overwrite_cache, bool):
         raise ArgumentError(f"overwrite_cache={overwrite_cache!r} must be True or False.")
+    if cache_dir is None:
+        cache_dir = os.environ.get(CACHE_ENV) or None
+    if cache_dir is False:
+        cache_dir = None
     if overwrite_cache and cache_dir is None:
-        raise ArgumentError("overwrite_cache=True needs cache_dir: there is no cache to overwrite.")
+        raise ArgumentError(
+            f"overwrite_cache=True needs cache_dir (or the {CACHE_ENV} environment variable): there is no "
+            "cache to overwrite."
+        )
+    return cache_dir
 
 
 # --------------------------------------------------------------------------------------------------
@@ -308,9 +332,9 @@ __all__ = [
     "CHUNK_ITEMS",
     "FLUSH_SECONDS",
     "ChunkCache",
-    "check_cache_args",
     "compute_dtype",
     "fingerprint",
+    "resolve_cache_dir",
     "run_cached",
     "sequences_digest",
     "tokenizer_digest",

@@ -9,6 +9,14 @@ import pytest
 from rmlab.toy import tiny_causal_lm, tiny_tokenizer
 
 ADJ = ["great", "dull", "charming", "slow", "clever", "flat", "wonderful", "weak", "funny", "long"]
+
+
+@pytest.fixture(autouse=True)
+def no_default_cache(monkeypatch):
+    """A developer's RMLAB_CACHE_DIR must not leak cached results into the tests."""
+    monkeypatch.delenv("RMLAB_CACHE_DIR", raising=False)
+
+
 NOUNS = ["film", "movie", "plot", "cast", "music", "script", "ending", "story"]
 
 

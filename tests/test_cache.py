@@ -315,6 +315,22 @@ def test_cache_arguments_are_checked(tok, policy, reference):
         rmlab.reward_scores(tiny_reward_model("gpt2"), ["a"], tokenizer=tok, cache_dir=3)
 
 
+def test_the_environment_names_a_default_cache_and_false_turns_it_off(tok, policy, reference, tmp_path, counted, monkeypatch):
+    pairs = make_pairs(4)
+    monkeypatch.setenv("RMLAB_CACHE_DIR", str(tmp_path / "env-cache"))
+    first = rmlab.implicit_rewards(policy, reference, pairs, tokenizer=tok, progress=False)
+    assert len(entries(tmp_path / "env-cache")) == 2  # policy and reference
+    counted.clear()
+    again = rmlab.implicit_rewards(policy, reference, pairs, tokenizer=tok, progress=False)
+    assert counted == [], "the default cache was not reused"
+    pd.testing.assert_frame_equal(again, first, check_exact=True)
+    off = rmlab.implicit_rewards(policy, reference, pairs, tokenizer=tok, progress=False, cache_dir=False)
+    pd.testing.assert_frame_equal(off, first)
+    monkeypatch.delenv("RMLAB_CACHE_DIR")
+    with pytest.raises(rmlab.ArgumentError, match="RMLAB_CACHE_DIR"):
+        rmlab.implicit_rewards(policy, reference, pairs, tokenizer=tok, overwrite_cache=True)
+
+
 def test_weights_digest_sees_every_byte_and_is_remembered():
     model = tiny_causal_lm("gpt2", seed=0)
     digest = rmlab.cache.weights_digest(model)

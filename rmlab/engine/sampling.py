@@ -51,7 +51,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from rmlab.cache import ChunkCache, check_cache_args, tokenizer_digest, weights_digest
+from rmlab.cache import ChunkCache, resolve_cache_dir, tokenizer_digest, weights_digest
 from rmlab.engine.batching import length_batches
 from rmlab.engine.logprobs import Scored, token_logprobs
 from rmlab.errors import ArgumentError, DataError, ModelError, check_choice, closest
@@ -629,7 +629,7 @@ def sample(
         backend: ``"hf"`` (this module's batched decoding with transformers models) or
             ``"vllm"`` (a thin, optional path through vLLM's engine; needs vllm and a CUDA GPU;
             **not covered by rmlab's tests**). Log-probs always come from rmlab's engine.
-        cache_dir: write every finished batch there (parquet, one folder per fingerprint of
+        cache_dir: (default: ``$RMLAB_CACHE_DIR`` if set; ``False``: none) write every finished batch there (parquet, one folder per fingerprint of
             weights + tokenizer + prompts + settings) and skip rows already there: an interrupted
             call resumes where it stopped, and a later call with a larger ``n`` only samples the
             new rows. See :mod:`rmlab.cache` for what the fingerprint holds; delete the folder
@@ -688,7 +688,7 @@ def sample(
         batch_size=batch_size, batch_tokens=batch_tokens, backend=backend,
     )
     prompts, fmt = check_prompts(prompts)
-    check_cache_args(cache_dir, overwrite_cache)
+    cache_dir = resolve_cache_dir(cache_dir, overwrite_cache)
     if on_chunk is not None and not callable(on_chunk):
         raise ArgumentError(f"on_chunk={on_chunk!r} must be a callable taking a DataFrame (or None).")
     if backend == "vllm":

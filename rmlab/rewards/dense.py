@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from rmlab.cache import check_cache_args, run_cached
+from rmlab.cache import resolve_cache_dir, run_cached
 from rmlab.engine.batching import default_batch_tokens, length_batches
 from rmlab.engine.reward_model import (
     RewardInputs,
@@ -157,7 +157,7 @@ def dense_rewards(
             sequence whole; models where reusing the cache is not exact run whole sequences).
         tokenizer, label, max_length, truncation_mode, add_eos, batch_tokens, device, dtype,
             progress, **kwargs: as in :func:`rmlab.reward_scores`.
-        cache_dir: a folder for a resumable cache of the prefix scores ``s_t`` (``dense-<key>/``,
+        cache_dir: a folder (default: ``$RMLAB_CACHE_DIR`` if set; ``False``: none) for a resumable cache of the prefix scores ``s_t`` (``dense-<key>/``,
             parquet chunks written as groups of a few batches finish, keyed as in
             :func:`rmlab.reward_scores` plus the method; see :mod:`rmlab.cache`). An interrupted
             call resumes where it stopped; a repeated call runs no model. Delete the folder to
@@ -177,7 +177,7 @@ def dense_rewards(
             LM or a multi-output head without ``label`` (see :func:`rmlab.reward_scores`).
     """
     check_choice("method", method, METHODS)
-    check_cache_args(cache_dir, overwrite_cache)
+    cache_dir = resolve_cache_dir(cache_dir, overwrite_cache)
     inputs = prepare_reward_inputs(
         reward_model, data, tokenizer=tokenizer, label=label, max_length=max_length,
         truncation_mode=truncation_mode, add_eos=add_eos, batch_tokens=batch_tokens, device=device,

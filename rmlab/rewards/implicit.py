@@ -26,8 +26,8 @@ import pyarrow as pa
 
 from rmlab.cache import (
     ChunkCache,
-    check_cache_args,
     compute_dtype,
+    resolve_cache_dir,
     run_cached,
     sequences_digest,
     tokenizer_digest,
@@ -57,7 +57,7 @@ def _run(
         raise ArgumentError(
             "reference_free=True ignores the reference model; pass reference=None to make that explicit."
         )
-    check_cache_args(cache_dir, overwrite_cache)
+    cache_dir = resolve_cache_dir(cache_dir, overwrite_cache)
     if cache_dir is None:
         return pair_logprobs(policy, reference, data, progress=progress, **kwargs)
     inputs = prepare_pair_inputs(policy, reference, data, **kwargs)
@@ -179,7 +179,8 @@ def implicit_rewards(
         device: ``"auto"`` (CUDA if present), ``"cpu"``, ``"cuda"``...
         dtype: ``"auto"`` (bf16 on CUDA, fp32 on CPU) or an explicit dtype.
         progress: show progress bars (pairs already cached count as done).
-        cache_dir: a folder for a resumable cache of the per-token log-probs (one entry per model:
+        cache_dir: a folder (default: ``$RMLAB_CACHE_DIR`` if set; ``False``: none) for a
+            resumable cache of the per-token log-probs (one entry per model:
             ``logprobs-<key>/``, parquet chunks written as batches finish, keyed by the model's
             weights, the tokenizer, the token ids scored, the device type and compute dtype; see
             :mod:`rmlab.cache`). An interrupted call resumes where it stopped; a repeated call

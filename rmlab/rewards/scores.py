@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from rmlab.cache import check_cache_args
+from rmlab.cache import resolve_cache_dir
 from rmlab.engine.reward_model import cached_scores, prepare_reward_inputs, score_sequences
 
 
@@ -52,7 +52,7 @@ def reward_scores(
             and does not add it itself.
         batch_tokens: padded tokens per forward pass (default 2048 on CPU, 32768 on CUDA).
         device, dtype, progress: as in :func:`rmlab.implicit_rewards`.
-        cache_dir: a folder for a resumable cache of the scores (``scores-<key>/``, parquet chunks
+        cache_dir: a folder (default: ``$RMLAB_CACHE_DIR`` if set; ``False``: none) for a resumable cache of the scores (``scores-<key>/``, parquet chunks
             written as batches finish, keyed by the reward model's weights, the tokenizer, the token
             ids scored, ``label``, the padding id, the device type and compute dtype; see
             :mod:`rmlab.cache`). An interrupted call resumes where it stopped; a repeated call runs
@@ -74,7 +74,7 @@ def reward_scores(
         >>> list(frame.columns[:3])
         ['row', 'score', 'tokens']
     """
-    check_cache_args(cache_dir, overwrite_cache)
+    cache_dir = resolve_cache_dir(cache_dir, overwrite_cache)
     inputs = prepare_reward_inputs(
         reward_model, data, tokenizer=tokenizer, label=label, max_length=max_length,
         truncation_mode=truncation_mode, add_eos=add_eos, batch_tokens=batch_tokens, device=device,
