@@ -143,3 +143,23 @@ def test_local_path_loading_round_trip(tok, tmp_path):
     from_path = rmlab.reward_scores(str(tmp_path / "rm"), rows, progress=False)
     in_memory = rmlab.reward_scores(rm, rows, tokenizer=tok, progress=False)
     np.testing.assert_allclose(from_path["margin"], in_memory["margin"], atol=1e-6)
+
+
+def test_a_failing_forward_leaves_no_inference_mode_or_pad_token_behind():
+    """An exception inside a scoring batch ends the batch loop's contexts at once, even while the
+    traceback (which holds the loop's frame) is still alive, as pytest.raises and notebooks keep it."""
+    rm, tok = tiny_reward_model("gpt2"), tiny_tokenizer()
+    rm.config.pad_token_id = None
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("boom in the forward")
+
+    rm.forward = failing
+    with pytest.raises(RuntimeError, match="boom") as info:
+        rmlab.reward_scores(rm, [{"prompt": "a", "chosen": " b", "rejected": " c"}], tokenizer=tok, progress=False)
+    assert calls and info.value is not None  # the traceback is still referenced here
+    assert not torch.is_inference_mode_enabled()
+    assert torch.is_grad_enabled()
+    assert rm.config.pad_token_id is None

@@ -184,9 +184,12 @@ def score_sequences(
     for causal reward models, the class token for encoders).
     """
     out = np.empty(len(sequences), dtype=np.float64)
-    batches = _padded_batches(model, sequences, pad_id, batch_tokens, autocast_dtype, progress, desc)
-    for batch, ids, mask, _ in batches:
-        out[batch] = model(input_ids=ids, attention_mask=mask).logits[:, label].float().cpu().numpy()
+    # closing(): on an exception the generator's contexts (inference mode, the pad token) end at
+    # once, not whenever a traceback holding its frame is collected
+    padded = _padded_batches(model, sequences, pad_id, batch_tokens, autocast_dtype, progress, desc)
+    with contextlib.closing(padded) as batches:
+        for batch, ids, mask, _ in batches:
+            out[batch] = model(input_ids=ids, attention_mask=mask).logits[:, label].float().cpu().numpy()
     return out
 
 
@@ -248,7 +251,8 @@ def cached_scores(inputs: RewardInputs, cache_dir, *, overwrite: bool = False, p
 def _padded_batches(model, sequences, pad_id: int, batch_tokens, autocast_dtype, progress: bool, desc: str):
     """Length-bucketed, right-padded batches on the model's device, run under ``inference_mode``
     (and autocast when asked), with the model given ``pad_id`` as its padding token meanwhile.
-    Yields ``(indices, input_ids, attention_mask, pad_id used)``."""
+    Yields ``(indices, input_ids, attention_mask, pad_id used)``. Consume it inside
+    ``contextlib.closing``: the contexts stay entered while the generator is suspended."""
     device = model_device(model)
     budget = batch_tokens or default_batch_tokens(device)
     batches = length_batches([len(s) for s in sequences], budget)
@@ -359,12 +363,13 @@ def position_scores(
     :func:`one_pass_problem` first.
     """
     out: list[np.ndarray] = [np.empty(0)] * len(sequences)
-    batches = _padded_batches(model, sequences, pad_id, batch_tokens, autocast_dtype, progress, desc)
-    for batch, ids, mask, pad in batches:
-        scores = _all_positions(model, ids, mask, label)
-        scores = torch.gather(scores, 1, _pooled_index(ids, pad)).cpu().numpy().astype(np.float64)
-        for row, i in enumerate(batch):
-            out[i] = scores[row, : len(sequences[i])]
+    padded = _padded_batches(model, sequences, pad_id, batch_tokens, autocast_dtype, progress, desc)
+    with contextlib.closing(padded) as batches:
+        for batch, ids, mask, pad in batches:
+            scores = _all_positions(model, ids, mask, label)
+            scores = torch.gather(scores, 1, _pooled_index(ids, pad)).cpu().numpy().astype(np.float64)
+            for row, i in enumerate(batch):
+                out[i] = scores[row, : len(sequences[i])]
     return out
 
 
