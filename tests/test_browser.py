@@ -1,9 +1,13 @@
-"""JupyterLab in a real browser: a notebook runs, its plotly figures and widgets render, and moving a
-slider redraws a figure (the kernel -> widget -> plotly round trip that nbclient cannot see).
+"""JupyterLab and Notebook 7 in a real browser: a notebook runs, its plotly figures and widgets
+render, and moving a slider redraws a figure (the kernel -> widget -> plotly round trip that nbclient
+cannot see).
 
 Starts ``jupyter lab`` on a free localhost port with a throw-away root directory, settings and
 workspaces, drives headless Chromium through playwright, and writes screenshots to ``artifacts/``.
-Skipped when playwright or a Chromium binary is missing.
+The same server also serves the Notebook 7 UI (``/notebooks/<path>``) when the ``notebook`` package
+(>= 7) is installed: its server extension is loaded by ``jupyter lab`` too, and both UIs are
+JupyterLab applications, so the same page functions drive both. Skipped when playwright or a
+Chromium binary is missing; the Notebook 7 cases are skipped when ``notebook>=7`` is missing.
 """
 
 from __future__ import annotations
@@ -36,6 +40,18 @@ def _find_chromium() -> str | None:
             return candidate
     return None
 
+
+def _notebook7() -> bool:
+    """The Notebook 7 UI (a JupyterLab application, unlike the classic notebook < 7) is installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return int(version("notebook").split(".")[0]) >= 7
+    except (PackageNotFoundError, ValueError):
+        return False
+
+
+NOTEBOOK7 = _notebook7()
 
 CHROMIUM = _find_chromium()
 if CHROMIUM is None:  # pragma: no cover - depends on the machine
@@ -117,7 +133,8 @@ def _die_with_parent() -> None:
 
 
 class JupyterLab:
-    """A JupyterLab server in its own process group, with its own config, settings and workspaces."""
+    """A JupyterLab server in its own process group, with its own config, settings and workspaces;
+    with ``notebook>=7`` installed it serves the Notebook 7 UI as well, with the same settings."""
 
     def __init__(self, base: Path):
         self.root = base / "root"
@@ -146,6 +163,12 @@ class JupyterLab:
             "--LabApp.news_url=",
             "--LabApp.check_for_updates_class=jupyterlab.handlers.announcements.NeverCheckForUpdate",
         ]
+        if NOTEBOOK7:  # the notebook server extension reads its own traits; both UIs share one settings API
+            self.command += [
+                "--JupyterNotebookApp.expose_app_in_browser=True",
+                f"--JupyterNotebookApp.user_settings_dir={settings}",
+                f"--JupyterNotebookApp.workspaces_dir={base / 'workspaces'}",
+            ]
         if hasattr(os, "geteuid") and os.geteuid() == 0:  # CI containers run as root
             self.command.append("--allow-root")
         self._log = open(self.log_path, "wb")
@@ -320,6 +343,32 @@ def _screenshot(page, notebook: str, name: str) -> Path:
     return path
 
 
+def _move_slider(page, slider, ui: str) -> None:
+    """Move an ipywidgets slider as a user would.
+
+    JupyterLab: focus the handle and press the right arrow. Notebook 7 handles shortcuts in the
+    capture phase (JupyterLab in the bubbling phase, after the widget), so there the arrow keys on a
+    focused slider run notebook commands (ArrowRight: ``notebook:move-cursor-heading-below-or-expand``)
+    and the slider never sees them: drag the handle with the mouse instead, a quarter of the track
+    towards the side with more room.
+    """
+    handle = slider.locator(".noUi-handle").first
+    handle.scroll_into_view_if_needed()
+    if ui == "lab":
+        handle.focus()
+        handle.press("ArrowRight")
+        return
+    track = slider.locator(".noUi-target").first.bounding_box()
+    knob = handle.bounding_box()
+    x, y = knob["x"] + knob["width"] / 2, knob["y"] + knob["height"] / 2
+    room_right = track["x"] + track["width"] - x
+    step = track["width"] / 4 if room_right >= x - track["x"] else -track["width"] / 4
+    page.mouse.move(x, y)
+    page.mouse.down()
+    page.mouse.move(x + step, y, steps=8)
+    page.mouse.up()
+
+
 # --- cases --------------------------------------------------------------------------------------
 
 
@@ -346,29 +395,46 @@ def _tour(root: Path) -> Case:
 
 CASES = {"small": _small, "tour": _tour}
 
+# The UIs a notebook is opened in: JupyterLab and Notebook 7 (the ``notebook`` package >= 7, served by
+# the same server). Each UI gets its own copy of the notebook (Notebook 7's in a subdirectory), so
+# that the UIs never share a notebook's session or kernel.
+UIS = ("lab", "notebook7")
 
-@pytest.mark.parametrize(
-    "case",
-    [
-        "small",
-        pytest.param(
-            "tour",
-            marks=pytest.mark.skipif(not TOUR.exists(), reason="notebooks/00_tour.ipynb does not exist yet"),
-        ),
-    ],
-)
-def test_notebook_in_jupyterlab(case, lab, browser):
-    spec = CASES[case](lab.root)
+
+def _params():
+    for ui in UIS:
+        for case in CASES:
+            marks = []
+            if ui == "notebook7" and not NOTEBOOK7:
+                marks.append(pytest.mark.skip(reason="Notebook 7 is not installed (pip install 'notebook>=7')"))
+            if case == "tour" and not TOUR.exists():
+                marks.append(pytest.mark.skip(reason="notebooks/00_tour.ipynb does not exist yet"))
+            yield pytest.param(ui, case, marks=marks, id=f"{ui}-{case}")
+
+
+def _open_url(server: JupyterLab, ui: str, case: str, path: str) -> str:
+    if ui == "lab":  # a workspace of its own per case: only this notebook is open
+        return f"{server.url}/lab/workspaces/{case}/tree/{path}?token={server.token}"
+    return f"{server.url}/notebooks/{path}?token={server.token}"  # Notebook 7: one notebook per page
+
+
+@pytest.mark.parametrize(("ui", "case"), list(_params()))
+def test_notebook_in_browser(ui, case, lab, browser):
+    directory = lab.root if ui == "lab" else lab.root / ui
+    directory.mkdir(exist_ok=True)
+    spec = CASES[case](directory)
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
     page = context.new_page()
     page.set_default_timeout(RENDER_MS)
     console_errors: list[str] = []
     page.on("console", lambda message: console_errors.append(message.text) if message.type == "error" else None)
-    stem, name = f"browser-{case}", spec.name
+    stem = f"browser-{case}" if ui == "lab" else f"browser-{ui}-{case}"
+    name = (directory / spec.name).relative_to(lab.root).as_posix()  # the notebook's path on the server
     try:
-        # a workspace of its own per case: only this notebook is open
-        page.goto(f"{lab.url}/lab/workspaces/{case}/tree/{name}?token={lab.token}", wait_until="domcontentloaded")
+        page.goto(_open_url(lab, ui, case, name), wait_until="domcontentloaded")
         page.wait_for_function(_KERNEL_IDLE, arg=name, timeout=KERNEL_START_MS)
+        if ui == "notebook7":  # the Notebook 7 page itself, not JupyterLab behind a redirect
+            assert page.evaluate("() => window.jupyterapp.name") == "Jupyter Notebook"
         notebook = page.locator(f"[id='{page.evaluate(_PANEL_ID, name)}']")
 
         page.evaluate(_RUN_ALL, name)
@@ -387,11 +453,7 @@ def test_notebook_in_jupyterlab(case, lab, browser):
         before = page.evaluate(_FIGURE_DATA, name)
         _screenshot(page, name, f"{stem}-executed")
 
-        # move the slider from the keyboard, as a user would: focus its handle, press the right arrow
-        handle = slider.locator(".noUi-handle").first
-        handle.scroll_into_view_if_needed()
-        handle.focus()
-        handle.press("ArrowRight")
+        _move_slider(page, slider, ui)
         page.wait_for_function(
             "([el, before]) => el.textContent.trim() !== before.trim()",
             arg=[readout.element_handle(), before_value],
@@ -409,7 +471,7 @@ def test_notebook_in_jupyterlab(case, lab, browser):
             _screenshot(page, name, f"{stem}-failure")
         except Exception:  # pragma: no cover - the page itself may be gone
             pass
-        print(f"jupyter lab log (tail):\n{lab.log_tail()}")
+        print(f"jupyter server log (tail):\n{lab.log_tail()}")
         print("browser console errors:\n" + "\n".join(console_errors[-20:]))
         raise
     finally:
