@@ -10,13 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rmlab.diagnostics.overoptimization import (
-    best_of_n,
-    best_of_n_expectation,
-    best_of_n_weights,
-    ensemble,
-    fit_overoptimization,
-)
+from rmlab.diagnostics.overoptimization import best_of_n, best_of_n_expectation, best_of_n_weights, ensemble
+from rmlab.diagnostics.scaling_laws import fit_overoptimization
 from rmlab.errors import ArgumentError, DataError
 from rmlab.toy import language
 from rmlab.toy.world import default_dir

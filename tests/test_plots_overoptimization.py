@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 
 from rmlab import plots
-from rmlab.diagnostics.overoptimization import best_of_n, ensemble, fit_overoptimization
+from rmlab.diagnostics.overoptimization import best_of_n, ensemble
+from rmlab.diagnostics.scaling_laws import fit_overoptimization
 from rmlab.errors import ArgumentError, DataError
 from rmlab.toy.world import default_dir
 

@@ -13,8 +13,9 @@
 - :func:`ches`, :func:`track_dpo`: likelihood displacement, the CHES score of each pair and tracked
   DPO runs recording where the chosen probability mass goes (Razin et al. 2024, "Unintentional
   Unalignment").
-- :func:`best_of_n`, :func:`ensemble`, :func:`fit_overoptimization`: overoptimization curves of
-  best-of-n with the unbiased estimator, proxy ensembles and the published functional fits (Gao et
+- :func:`best_of_n`, :func:`ensemble` (overoptimization.py), :func:`fit_overoptimization`
+  (scaling_laws.py): overoptimization curves of best-of-n with the unbiased estimator, proxy
+  ensembles and the published functional fits (Gao et
   al. 2022, "Scaling Laws for Reward Model Overoptimization"; Coste et al. 2023, "Reward Model
   Ensembles Help Mitigate Overoptimization").
 - :func:`checkpoint_curve`, :func:`curve_from_samples`, :func:`kl_estimate`: gold and proxy reward
@@ -33,15 +34,14 @@ from rmlab.diagnostics.entanglement import (
     token_entanglement,
 )
 from rmlab.diagnostics.overoptimization import (
-    OveroptimizationFit,
     RewardEnsemble,
     best_of_n,
     best_of_n_expectation,
     best_of_n_weights,
     ensemble,
-    fit_overoptimization,
 )
 from rmlab.diagnostics.reward_model import RewardModelReport, reward_model_report
+from rmlab.diagnostics.scaling_laws import OveroptimizationFit, fit_overoptimization
 
 __all__ = [
     "DisplacementRun",

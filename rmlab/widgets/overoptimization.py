@@ -69,7 +69,7 @@ class OveroptimizationExplorer(Explorer):
 
     def fit_for(self, name):
         """The fitted law of one proxy's curve (computed once)."""
-        from rmlab.diagnostics.overoptimization import fit_overoptimization
+        from rmlab.diagnostics.scaling_laws import fit_overoptimization
 
         if name not in self.fits:
             if "proxy_name" in self.curves.columns:

@@ -1,0 +1,358 @@
+"""Scaling-law fits of reward overoptimization: gold reward against KL, with bootstrap intervals.
+
+Follows Gao et al. 2022, "Scaling Laws for Reward Model Overoptimization" (arXiv 2210.10760, eqs.
+1-2): with ``d = sqrt(KL)``, best-of-n ``R(d) = d * (alpha - beta * d)`` and RL
+``R(d) = d * (alpha - beta * log d)``. Both are linear in their parameters, so
+:func:`fit_overoptimization` solves least squares without intercept (numpy, no scipy), draws
+bootstrap percentile intervals and reports the peak of the fitted curve. The curves come from
+:func:`rmlab.best_of_n` or :func:`rmlab.checkpoint_curve`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from rmlab.errors import ArgumentError, DataError, closest
+
+FORMS = ("bon", "rl")
+
+
+def _features(form: str, d: np.ndarray) -> np.ndarray:
+    d = np.asarray(d, dtype=np.float64)
+    if form == "bon":
+        return np.stack([d, d * d], axis=-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        dlogd = np.where(d > 0, d * np.log(np.where(d > 0, d, 1.0)), 0.0)
+    return np.stack([d, dlogd], axis=-1)
+
+
+def _curve(form: str, alpha, beta, d) -> np.ndarray:
+    """``R(d)`` (relative to the start) for parameter arrays broadcast against ``d``."""
+    x = _features(form, d)
+    return alpha * x[..., 0] - beta * x[..., 1]
+
+
+def _peak(form: str, alpha, beta) -> tuple[np.ndarray, np.ndarray]:
+    """Peak ``d*`` and ``R(d*)`` of the fitted form; ``d* = inf``, ``R = NaN`` where there is no peak."""
+    alpha = np.asarray(alpha, dtype=np.float64)
+    beta = np.asarray(beta, dtype=np.float64)
+    d = np.full(alpha.shape, np.inf)
+    gain = np.full(alpha.shape, np.nan)
+    rising = beta > 0
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        if form == "bon":
+            d = np.where(rising, np.maximum(alpha / (2 * beta), 0.0), d)
+            gain = np.where(rising, d * (alpha - beta * d), gain)
+        else:
+            d = np.where(rising, np.exp(alpha / beta - 1.0), d)
+            gain = np.where(rising, beta * d, gain)
+    flat_down = (beta == 0) & (alpha <= 0)  # a straight line that never rises: best at the start
+    d = np.where(flat_down, 0.0, d)
+    gain = np.where(flat_down, 0.0, gain)
+    return d, gain
+
+
+def _interval(samples: np.ndarray, level: float) -> tuple[float, float]:
+    samples = np.asarray(samples, dtype=np.float64)
+    samples = samples[~np.isnan(samples)]
+    if len(samples) == 0:
+        return (float("nan"), float("nan"))
+    q = [(1 - level) / 2, (1 + level) / 2]
+    method = "linear" if np.isfinite(samples).all() else "inverted_cdf"
+    lo, hi = np.quantile(samples, q, method=method)
+    return (float(lo), float(hi))
+
+
+@dataclass
+class OveroptimizationFit:
+    """A fitted overoptimization curve (Gao et al. 2022); built by :func:`fit_overoptimization`.
+
+    ``fit(kl)`` / ``fit.predict(kl)`` evaluate the fitted reward (in the frame's units, offset added
+    back) at any KL; ``fit.band(kl)`` gives the pointwise bootstrap interval; ``fit.to_frame()`` one
+    row per parameter with its interval.
+    """
+
+    form: str
+    alpha: float
+    beta: float
+    alpha_ci: tuple[float, float]
+    beta_ci: tuple[float, float]
+    peak_kl: float
+    peak_kl_ci: tuple[float, float]
+    peak_gold: float
+    peak_gold_ci: tuple[float, float]
+    r2: float
+    offset: float
+    relative: bool
+    x: str
+    y: str
+    n_points: int
+    level: float
+    bootstrap: int
+    points: pd.DataFrame = field(repr=False)
+    boot_alpha: np.ndarray = field(repr=False)
+    boot_beta: np.ndarray = field(repr=False)
+    name: str | None = None
+    notes: list = field(default_factory=list)
+
+    def predict(self, kl) -> np.ndarray:
+        """Fitted reward at ``kl`` (scalar or array), offset included: ``offset + R(sqrt(kl))``."""
+        d = np.sqrt(np.asarray(kl, dtype=np.float64))
+        return self.offset + _curve(self.form, self.alpha, self.beta, d)
+
+    __call__ = predict
+
+    def band(self, kl, level: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Pointwise bootstrap percentile interval of the fitted curve at ``kl`` (NaN without bootstrap)."""
+        level = self.level if level is None else level
+        d = np.sqrt(np.atleast_1d(np.asarray(kl, dtype=np.float64)))
+        if len(self.boot_alpha) == 0:
+            nan = np.full(d.shape, np.nan)
+            return nan, nan.copy()
+        curves = _curve(self.form, self.boot_alpha[:, None], self.boot_beta[:, None], d[None, :])
+        lo, hi = np.quantile(curves, [(1 - level) / 2, (1 + level) / 2], axis=0)
+        return self.offset + lo, self.offset + hi
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per quantity: ``parameter``, ``estimate``, ``lower``, ``upper`` (bootstrap interval)."""
+        nan = (float("nan"), float("nan"))
+        rows = [
+            ("alpha", self.alpha, self.alpha_ci),
+            ("beta", self.beta, self.beta_ci),
+            ("peak_kl", self.peak_kl, self.peak_kl_ci),
+            (f"peak_{self.y}", self.peak_gold, self.peak_gold_ci),
+            ("r2", self.r2, nan),
+            ("offset", self.offset, nan),
+        ]
+        frame = pd.DataFrame(
+            [{"parameter": p, "estimate": float(e), "lower": ci[0], "upper": ci[1]} for p, e, ci in rows]
+        )
+        frame.attrs.update(form=self.form, level=self.level, bootstrap=self.bootstrap, notes=list(self.notes))
+        return frame
+
+    def __repr__(self) -> str:
+        def ci(pair):
+            return f"[{pair[0]:.4g}, {pair[1]:.4g}]"
+
+        formula = "d*(alpha - beta*d)" if self.form == "bon" else "d*(alpha - beta*log d)"
+        lines = [
+            f"OveroptimizationFit(form={self.form!r}: {self.y} - offset = {formula}, d = sqrt({self.x}))",
+            f"  alpha     = {self.alpha:.4g}  {int(self.level * 100)}% CI {ci(self.alpha_ci)}",
+            f"  beta      = {self.beta:.4g}  {int(self.level * 100)}% CI {ci(self.beta_ci)}",
+            f"  peak_kl   = {self.peak_kl:.4g}  CI {ci(self.peak_kl_ci)}",
+            f"  peak_{self.y} = {self.peak_gold:.4g}  CI {ci(self.peak_gold_ci)}",
+            f"  r2 = {self.r2:.4f}, offset = {self.offset:.4g}, points = {self.n_points}, bootstrap = {self.bootstrap}",
+        ]
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _column(frame: pd.DataFrame, name: str, role: str) -> np.ndarray:
+    if name not in frame.columns:
+        raise DataError(
+            f"{role}={name!r} is not a column of the frame (columns: {list(frame.columns)})." + closest(name, frame.columns)
+        )
+    if not pd.api.types.is_numeric_dtype(frame[name]):
+        raise DataError(f"{role}: column {name!r} holds {frame[name].dtype} values, not numbers.")
+    values = frame[name].to_numpy(dtype=np.float64)
+    bad = np.flatnonzero(~np.isfinite(values))
+    if len(bad):
+        raise DataError(f"{role}: column {name!r} has {len(bad)} NaN/inf value(s), first at row {bad[0]}.")
+    return values
+
+
+def fit_overoptimization(
+    frame: pd.DataFrame,
+    form: str = "bon",
+    *,
+    x: str = "kl",
+    y: str = "gold",
+    relative: bool = True,
+    offset: float | None = None,
+    weights=None,
+    bootstrap: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> OveroptimizationFit:
+    """Fit Gao et al.'s overoptimization law to a curve of gold reward against KL.
+
+    Follows Gao et al. 2022, "Scaling Laws for Reward Model Overoptimization" (eqs. 1-2): with
+    ``d = sqrt(KL)``, best-of-n ``R(d) = d * (alpha - beta * d)`` and RL
+    ``R(d) = d * (alpha - beta * log d)``. Both are linear in their parameters, so the fit is ordinary
+    (or weighted) least squares without intercept in the features ``(d, d^2)`` (best-of-n) or
+    ``(d, d log d)`` (RL, with ``0 log 0 = 0``). Peaks of the fitted curve: best-of-n
+    ``d* = alpha / (2 beta)``, ``R* = alpha^2 / (4 beta)``; RL ``d* = exp(alpha / beta - 1)``,
+    ``R* = beta d*``; reported as ``peak_kl = d*^2`` and ``peak_gold = offset + R*``. With
+    ``beta <= 0`` the form has no maximum: ``peak_kl = inf``, ``peak_gold = NaN``, with a note.
+
+    Offset: the paper measures gold relative to the initial policy (``R(0) = 0``). With
+    ``relative=True`` (default) the fit subtracts ``offset``: by default the ``y`` value at ``KL = 0``
+    (best-of-n's ``n = 1``, the sampling policy; the mean if several rows sit at 0). That point then
+    carries no information about alpha and beta and is left out of the fit, of ``r2`` and of the
+    bootstrap; ``fit.offset`` reports it, and predictions add it back. Pass ``offset=`` (e.g. the
+    starting policy's mean gold measured elsewhere) when the frame has no ``KL = 0`` row, or
+    ``relative=False`` to fit ``y`` as is (forcing the curve through 0 at ``KL = 0``).
+
+    Intervals: ``bootstrap`` resamples of the fitted points with replacement (pairs bootstrap; the
+    frame has one point per ``n`` or checkpoint), each refitted; ``*_ci`` are percentile intervals at
+    ``level``. Resamples with fewer than 2 distinct ``d`` cannot be fitted and are dropped (counted in
+    the notes). ``peak_gold_ci`` is over the resamples that have a peak.
+
+    ``r2`` is ``1 - SS_res / SS_tot`` on the fitted points, ``SS_tot`` about their (weighted) mean,
+    so it compares the form with a flat line (it can be negative).
+
+    Args:
+        frame: one row per point, e.g. from :func:`best_of_n` (one proxy at a time: filter a
+            several-proxy frame on ``proxy_name``) or a checkpoint curve.
+        form: ``"bon"`` (best-of-n) or ``"rl"``.
+        x: the KL column (>= 0); y: the reward column.
+        relative, offset: see above.
+        weights: None, a column name or an array of per-point weights (> 0) for weighted least
+            squares, e.g. ``1 / gold_se**2``.
+        bootstrap: number of resamples (0: no intervals).
+        level: interval coverage (default 0.95).
+        seed: seeds the bootstrap.
+
+    Returns:
+        An :class:`OveroptimizationFit` with ``alpha``, ``beta``, ``alpha_ci``, ``beta_ci``,
+        ``peak_kl``, ``peak_kl_ci``, ``peak_gold``, ``peak_gold_ci``, ``r2``, ``offset``, ``form``,
+        ``points`` (the fitted points with ``fitted``), ``predict(kl)`` / ``fit(kl)``, ``band(kl)``,
+        ``to_frame()``.
+
+    Raises:
+        ArgumentError: unknown form (closest name), bad bootstrap / level / weights.
+        DataError: missing or non-numeric columns, NaN, negative KL, several proxies in one frame,
+            no ``KL = 0`` point for the default offset, fewer than 2 points with ``KL > 0``.
+
+    Example:
+        >>> import numpy as np, pandas as pd
+        >>> d = np.linspace(0, 2, 9)
+        >>> curve = pd.DataFrame({"kl": d**2, "gold": 1.0 + d * (1.2 - 0.5 * d)})
+        >>> fit = fit_overoptimization(curve, "bon", bootstrap=0)
+        >>> round(fit.alpha, 6), round(fit.beta, 6), round(fit.peak_kl, 4), fit.offset
+        (1.2, 0.5, 1.44, 1.0)
+    """
+    if not isinstance(frame, pd.DataFrame):
+        raise DataError(f"fit_overoptimization needs a DataFrame (e.g. from rmlab.best_of_n), not a {type(frame).__name__}.")
+    if form not in FORMS:
+        raise ArgumentError(
+            f"form={form!r} is not supported; choose 'bon' (best-of-n: d*(alpha - beta*d)) or 'rl' "
+            "(d*(alpha - beta*log d))." + closest(form, FORMS)
+        )
+    if isinstance(bootstrap, bool) or not isinstance(bootstrap, (int, np.integer)) or bootstrap < 0:
+        raise ArgumentError(f"bootstrap={bootstrap!r} must be an integer >= 0 (the number of resamples).")
+    if not isinstance(level, (int, float)) or not 0 < level < 1:
+        raise ArgumentError(f"level={level!r} must be between 0 and 1 (e.g. 0.95).")
+    if "proxy_name" in frame.columns and frame["proxy_name"].nunique() > 1:
+        names = list(frame["proxy_name"].unique())
+        raise DataError(
+            f"The frame holds curves of {len(names)} proxies {names}; fit one at a time, e.g. "
+            f"fit_overoptimization(frame[frame.proxy_name == {names[0]!r}])."
+        )
+    kl = _column(frame, x, "x")
+    reward = _column(frame, y, "y")
+    negative = np.flatnonzero(kl < 0)
+    if len(negative):
+        raise DataError(
+            f"x: column {x!r} has {len(negative)} negative KL value(s), first {kl[negative[0]]:.3g} at row "
+            f"{negative[0]}; KL is >= 0 (clip estimation noise first: frame.assign({x}=frame[{x!r}].clip(lower=0)))."
+        )
+    if weights is None:
+        w = np.ones(len(frame))
+    elif isinstance(weights, str):
+        w = _column(frame, weights, "weights")
+    else:
+        w = np.asarray(weights, dtype=np.float64).reshape(-1)
+        if len(w) != len(frame):
+            raise ArgumentError(f"weights has {len(w)} values for {len(frame)} points; pass one per row.")
+    if not (np.isfinite(w).all() and (w > 0).all()):
+        raise ArgumentError("weights must be finite and > 0 (e.g. 1 / gold_se**2 with no zero SE).")
+
+    notes: list[str] = []
+    keep = np.ones(len(frame), dtype=bool)
+    if not relative:
+        if offset is not None:
+            raise ArgumentError("offset= is only used with relative=True; drop one of them.")
+        base = 0.0
+    elif offset is not None:
+        base = float(offset)
+        if not math.isfinite(base):
+            raise ArgumentError(f"offset={offset!r} must be a finite number.")
+    else:
+        zero = kl == 0
+        if not zero.any():
+            raise DataError(
+                f"relative=True measures {y} relative to the starting policy (KL = 0), but no row has "
+                f"{x} == 0. Pass offset= (the starting policy's mean {y}), or relative=False to fit {y} as is."
+            )
+        base = float(reward[zero].mean())
+        keep = ~zero
+        notes.append(f"offset {base:.4g} = mean {y} at {x} = 0 ({int(zero.sum())} row(s)), left out of the fit")
+    d_all = np.sqrt(kl)
+    d, target, w = d_all[keep], reward[keep] - base, w[keep]
+    if len(np.unique(d[d > 0])) < 2:
+        raise DataError(
+            f"A fit of 2 parameters needs at least 2 points with distinct {x} > 0; the frame has "
+            f"{len(np.unique(d[d > 0]))} (after setting aside the KL = 0 offset point)."
+        )
+
+    features = _features(form, d)
+    sw = np.sqrt(w)
+    coef, *_ = np.linalg.lstsq(features * sw[:, None], target * sw, rcond=None)
+    alpha, beta = float(coef[0]), float(-coef[1])
+    fitted = features @ coef
+    ss_res = float((w * (target - fitted) ** 2).sum())
+    centre = float((w * target).sum() / w.sum())
+    ss_tot = float((w * (target - centre) ** 2).sum())
+    r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else float("nan")
+
+    # bootstrap over points: a (B, m) index matrix, 2x2 normal equations solved at once
+    boot_a = np.empty(0)
+    boot_b = np.empty(0)
+    if bootstrap:
+        rng = np.random.default_rng(seed)
+        m = len(d)
+        idx = rng.integers(0, m, size=(int(bootstrap), m))
+        xb = features[idx] * sw[idx][..., None]
+        yb = target[idx] * sw[idx]
+        xtx = np.einsum("bmi,bmj->bij", xb, xb)
+        xty = np.einsum("bmi,bm->bi", xb, yb)
+        distinct = np.array([len(np.unique(row[d[row] > 0])) >= 2 for row in idx])
+        det = xtx[:, 0, 0] * xtx[:, 1, 1] - xtx[:, 0, 1] * xtx[:, 1, 0]
+        scale = xtx[:, 0, 0] * xtx[:, 1, 1]
+        ok = distinct & (np.abs(det) > 1e-12 * np.where(scale > 0, scale, 1.0))
+        sol = np.linalg.solve(xtx[ok], xty[ok][..., None])[..., 0]
+        boot_a, boot_b = sol[:, 0], -sol[:, 1]
+        dropped = int((~ok).sum())
+        if dropped:
+            notes.append(f"{dropped} of {bootstrap} bootstrap resamples had < 2 distinct points and were dropped")
+    peak_d, peak_gain = _peak(form, alpha, beta)
+    peak_d, peak_gain = float(peak_d), float(peak_gain)
+    if not math.isfinite(peak_d):
+        notes.append(f"beta = {beta:.3g} <= 0: the fitted {y} keeps rising with KL (no peak)")
+    if len(boot_a):
+        bd, bg = _peak(form, boot_a, boot_b)
+        nopeak = float(np.mean(~np.isfinite(bd)))
+        if nopeak > 0:
+            notes.append(f"{nopeak:.1%} of bootstrap fits have no peak (beta <= 0)")
+        alpha_ci, beta_ci = _interval(boot_a, level), _interval(boot_b, level)
+        peak_kl_ci = _interval(bd**2, level)
+        peak_gold_ci = tuple(v + base for v in _interval(bg[np.isfinite(bg)], level))
+    else:
+        alpha_ci = beta_ci = peak_kl_ci = peak_gold_ci = (float("nan"), float("nan"))
+    points = pd.DataFrame({x: kl[keep], "d": d, y: reward[keep], "relative": target, "weight": w, "fitted": fitted + base})
+    name = None
+    if "proxy_name" in frame.columns and frame["proxy_name"].nunique() == 1:
+        name = str(frame["proxy_name"].iloc[0])
+    elif frame.attrs.get("proxy_name") is not None:
+        name = str(frame.attrs["proxy_name"])
+    return OveroptimizationFit(
+        form=form, alpha=alpha, beta=beta, alpha_ci=alpha_ci, beta_ci=beta_ci,
+        peak_kl=peak_d**2, peak_kl_ci=peak_kl_ci, peak_gold=peak_gain + base, peak_gold_ci=peak_gold_ci,
+        r2=r2, offset=base, relative=bool(relative), x=x, y=y, n_points=int(len(d)), level=float(level),
+        bootstrap=int(len(boot_a)), points=points, boot_alpha=boot_a, boot_beta=boot_b, name=name, notes=notes,
+    )
