@@ -18,6 +18,9 @@ import plotly.graph_objects as go
 
 from rmlab.errors import ArgumentError
 
+#: Options that decide how a model given by name or path is loaded.
+_LOADING = ("device", "dtype", "trust_remote_code", "use_safetensors", "revision")
+
 
 def write_report(
     path: str | Path,
@@ -149,6 +152,16 @@ def collect_report(
     if policy is None and reward_model is None:
         raise ArgumentError("report needs a policy and reference, a reward_model=, or both.")
     frame = load_pairs(data)
+    # names / paths are loaded once, not once per section
+    from rmlab.io.models import load_causal_lm, load_reward_model
+
+    loading = {k: options[k] for k in _LOADING if k in options}
+    if policy is not None:
+        policy = load_causal_lm(policy, role="policy", **loading)
+        reference = load_causal_lm(reference, role="reference", **loading)
+    if reward_model is not None:
+        reward_model = load_reward_model(reward_model, **loading)
+    options = {k: v for k, v in options.items() if k not in ("use_safetensors", "revision")}  # used up
     if pairs is not None:
         frame = frame.iloc[:pairs].reset_index(drop=True)
     contents = ReportContents(title="rmlab report")

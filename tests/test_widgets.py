@@ -253,3 +253,29 @@ def test_token_viewer_pages_through_long_responses():
     assert np.isfinite(z).sum() == 300
     np.testing.assert_allclose(z[:300], tokens["reward"].iloc[1200:1500])
     assert "tokens 1200-1499 of 1500" in viewer.figure.layout.title.text
+
+
+def test_token_viewer_loads_models_given_by_path_once(world, held, tmp_path, monkeypatch):
+    import rmlab.io.models as models
+
+    for name, model in (("policy", world.dpo[0.1]), ("reference", world.sft)):
+        model.save_pretrained(tmp_path / name)
+        world.tokenizer.save_pretrained(tmp_path / name)
+    loads = []
+    real = models._loaded
+
+    def counting(*args, **kwargs):
+        loads.append(args[1])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(models, "_loaded", counting)
+    viewer = W.TokenRewardViewer(held, policy=str(tmp_path / "policy"), reference=str(tmp_path / "reference"), beta=0.1)
+    paths = [p for p in loads if isinstance(p, str)]
+    assert len(paths) == 2
+    viewer.selection.pair = 2
+    viewer.selection.pair = 3
+    assert viewer.last_error is None and [p for p in loads if isinstance(p, str)] == paths  # no reloads per pair
+    direct = rmlab.token_rewards(world.dpo[0.1], world.sft, held.iloc[[3]], beta=0.1, progress=False)
+    shown = np.asarray(viewer.figure.data[0].z, float).ravel()
+    chosen = direct[direct.side == "chosen"]["reward"].to_numpy()
+    np.testing.assert_allclose(shown[: len(chosen)], chosen, rtol=1e-5)

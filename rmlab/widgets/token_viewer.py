@@ -10,11 +10,14 @@ import plotly.graph_objects as go
 
 from rmlab import plots
 from rmlab.errors import ArgumentError
+from rmlab.io.models import load_causal_lm, load_reward_model
 from rmlab.io.pairs import load_pairs
 from rmlab.widgets.base import Explorer, Selection, replace_figure
 
 IMPLICIT, DENSE, ATTRIBUTION = "implicit DPO reward", "dense RM reward", "attribution"
 MODES = (IMPLICIT, DENSE, ATTRIBUTION)
+#: Options that decide how a model given by name or path is loaded.
+_LOADING = ("device", "dtype", "trust_remote_code", "use_safetensors", "revision")
 
 
 def _text_html(value) -> str:
@@ -44,7 +47,7 @@ class TokenRewardViewer(Explorer):
     Args:
         data: the preference pairs (anything :func:`rmlab.load_pairs` reads).
         policy, reference: DPO policy and its reference (for the implicit mode, and attribution without
-            a reward model).
+            a reward model); model objects or hub names / local paths (loaded once, here).
         reward_model: a sequence-classification reward model (dense mode, attribution).
         tokenizer: shared tokenizer (loaded from the models' paths when None).
         beta: DPO's beta for implicit rewards.
@@ -74,8 +77,17 @@ class TokenRewardViewer(Explorer):
         **options,
     ):
         self.pairs = load_pairs(data)
+        # names / paths are loaded once here, not once per pair shown
+        loading = {k: options[k] for k in _LOADING if k in options}
+        if policy is not None:
+            policy = load_causal_lm(policy, role="policy", **loading)
+        if reference is not None:
+            reference = load_causal_lm(reference, role="reference", **loading)
+        if reward_model is not None:
+            reward_model = load_reward_model(reward_model, **loading)
         self.policy, self.reference, self.reward_model = policy, reference, reward_model
-        self.tokenizer, self.beta, self.options = tokenizer, beta, options
+        self.tokenizer, self.beta = tokenizer, beta
+        self.options = {k: v for k, v in options.items() if k not in ("use_safetensors", "revision")}  # used up
         self.attribution_method = attribution_method
         self.width, self.max_tokens = width, max_tokens
         self.cache: dict[tuple[str, int], pd.DataFrame] = {}
