@@ -18,9 +18,6 @@ import plotly.graph_objects as go
 
 from rmlab.errors import ArgumentError
 
-#: Options that decide how a model given by name or path is loaded.
-_LOADING = ("device", "dtype", "trust_remote_code", "use_safetensors", "revision")
-
 
 def write_report(
     path: str | Path,
@@ -153,15 +150,15 @@ def collect_report(
         raise ArgumentError("report needs a policy and reference, a reward_model=, or both.")
     frame = load_pairs(data)
     # names / paths are loaded once, not once per section
-    from rmlab.io.models import load_causal_lm, load_reward_model
+    from rmlab.io.models import LOAD_ONLY_OPTIONS, LOAD_OPTIONS, load_causal_lm, load_reward_model
 
-    loading = {k: options[k] for k in _LOADING if k in options}
+    loading = {k: options[k] for k in LOAD_OPTIONS if k in options}
     if policy is not None:
         policy = load_causal_lm(policy, role="policy", **loading)
         reference = load_causal_lm(reference, role="reference", **loading)
     if reward_model is not None:
         reward_model = load_reward_model(reward_model, **loading)
-    options = {k: v for k, v in options.items() if k not in ("use_safetensors", "revision")}  # used up
+    options = {k: v for k, v in options.items() if k not in LOAD_ONLY_OPTIONS}
     if pairs is not None:
         frame = frame.iloc[:pairs].reset_index(drop=True)
     contents = ReportContents(title="rmlab report")

@@ -149,6 +149,12 @@ def _looks_local(path) -> bool:
     )
 
 
+#: Options that decide how a model given by name or path is loaded (``load_causal_lm`` and
+#: ``load_reward_model`` keywords); the last two are used up by loading.
+LOAD_OPTIONS = ("device", "dtype", "trust_remote_code", "use_safetensors", "revision")
+LOAD_ONLY_OPTIONS = ("use_safetensors", "revision")
+
+
 def load_causal_lm(
     model,
     *,

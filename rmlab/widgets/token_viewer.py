@@ -10,14 +10,12 @@ import plotly.graph_objects as go
 
 from rmlab import plots
 from rmlab.errors import ArgumentError
-from rmlab.io.models import load_causal_lm, load_reward_model
+from rmlab.io.models import LOAD_ONLY_OPTIONS, LOAD_OPTIONS, load_causal_lm, load_reward_model
 from rmlab.io.pairs import load_pairs
 from rmlab.widgets.base import Explorer, Selection, replace_figure
 
 IMPLICIT, DENSE, ATTRIBUTION = "implicit DPO reward", "dense RM reward", "attribution"
 MODES = (IMPLICIT, DENSE, ATTRIBUTION)
-#: Options that decide how a model given by name or path is loaded.
-_LOADING = ("device", "dtype", "trust_remote_code", "use_safetensors", "revision")
 
 
 def _text_html(value) -> str:
@@ -78,7 +76,7 @@ class TokenRewardViewer(Explorer):
     ):
         self.pairs = load_pairs(data)
         # names / paths are loaded once here, not once per pair shown
-        loading = {k: options[k] for k in _LOADING if k in options}
+        loading = {k: options[k] for k in LOAD_OPTIONS if k in options}
         if policy is not None:
             policy = load_causal_lm(policy, role="policy", **loading)
         if reference is not None:
@@ -87,7 +85,7 @@ class TokenRewardViewer(Explorer):
             reward_model = load_reward_model(reward_model, **loading)
         self.policy, self.reference, self.reward_model = policy, reference, reward_model
         self.tokenizer, self.beta = tokenizer, beta
-        self.options = {k: v for k, v in options.items() if k not in ("use_safetensors", "revision")}  # used up
+        self.options = {k: v for k, v in options.items() if k not in LOAD_ONLY_OPTIONS}
         self.attribution_method = attribution_method
         self.width, self.max_tokens = width, max_tokens
         self.cache: dict[tuple[str, int], pd.DataFrame] = {}
