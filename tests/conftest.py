@@ -11,6 +11,26 @@ from rmlab.toy import tiny_causal_lm, tiny_tokenizer
 ADJ = ["great", "dull", "charming", "slow", "clever", "flat", "wonderful", "weak", "funny", "long"]
 
 
+@pytest.fixture(scope="module")
+def world():
+    """The shipped toy world, loaded once per test module."""
+    from rmlab.toy import load
+
+    return load()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``): tiny
+    models run fastest so on shared cores, and exact comparisons need one reduction order."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def no_default_cache(monkeypatch):
     """A developer's RMLAB_CACHE_DIR must not leak cached results into the tests."""

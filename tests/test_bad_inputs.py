@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field

@@ -25,17 +25,10 @@ import rmlab.rewards.implicit as implicit
 from rmlab.toy import tiny_causal_lm, tiny_reward_model, tiny_tokenizer
 from tests.conftest import make_pairs
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # exact equality across processes needs the same reduction order
+
 ROOT = Path(__file__).resolve().parents[1]
 N = 12
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Exact equality across processes needs the same reduction order: one thread everywhere."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture()

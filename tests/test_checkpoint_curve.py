@@ -13,18 +13,7 @@ from rmlab.diagnostics.checkpoints import _checkpoint_items, checkpoint_curve, c
 from rmlab.engine.sampling import SamplingInterrupted
 from rmlab.toy import tiny_causal_lm
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def world():
-    return rmlab.toy.load()
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run fastest on one thread
 
 
 def exact_kl(p, q) -> float:

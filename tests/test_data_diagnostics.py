@@ -14,13 +14,8 @@ from rmlab.diagnostics import preference_strength, ranking_accuracy, ranking_sum
 from rmlab.errors import ArgumentError, DataError, ModelError
 from rmlab.io.pairs import load_pairs
 from rmlab.io.tokenize import encode_pairs
-from rmlab.toy import load, tiny_causal_lm, tiny_reward_model
+from rmlab.toy import tiny_causal_lm, tiny_reward_model
 from tests.conftest import make_pairs
-
-
-@pytest.fixture(scope="module")
-def world():
-    return load()
 
 
 @pytest.fixture(scope="module")

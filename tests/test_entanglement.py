@@ -220,13 +220,6 @@ def test_interrupted_realised_step_restores_weights(tok, monkeypatch):
     assert all(p.requires_grad and p.grad is None for p in policy.parameters())
 
 
-@pytest.fixture(scope="module")
-def world():
-    from rmlab.toy import load
-
-    return load()
-
-
 def test_realised_agrees_with_prediction_on_the_toy_world(world):
     policy = world.dpo[0.1]
     weights = {k: v.clone() for k, v in policy.state_dict().items()}

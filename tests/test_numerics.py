@@ -19,7 +19,7 @@ import torch
 import rmlab
 import rmlab.toy
 from rmlab.engine.logprobs import Scored, selective_log_softmax, token_logprobs
-from rmlab.toy import tiny_causal_lm, tiny_reward_model, tiny_tokenizer
+from rmlab.toy import tiny_causal_lm, tiny_tokenizer
 from tests.conftest import make_pairs
 
 BETA = 0.1
@@ -56,11 +56,6 @@ LOW = [
 def cast(model, dtype):
     """A copy of ``model`` in ``dtype`` (the original stays fp32)."""
     return copy.deepcopy(model).to(dtype)
-
-
-@pytest.fixture(scope="module")
-def world():
-    return rmlab.toy.load()
 
 
 @pytest.fixture(scope="module")

@@ -14,21 +14,9 @@ import rmlab.engine.sampling as sampling
 from rmlab.engine.sampling import SamplingInterrupted, completion_logprobs, sample
 from rmlab.toy import tiny_causal_lm, tiny_tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run fastest on one thread
+
 PROMPTS = ["The movie was", "Write a short review of the movie.", "A"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The machine's cores are shared: tiny models run fastest on one thread anyway."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def world():
-    return rmlab.toy.load()
 
 
 def plain_logp(model, prompt_ids, tokens) -> float:

@@ -14,12 +14,6 @@ import pytest
 import rmlab
 from rmlab import widgets as W
 from rmlab.diagnostics import predict_entanglement
-from rmlab.toy import load
-
-
-@pytest.fixture(scope="module")
-def world():
-    return load()
 
 
 @pytest.fixture(scope="module")
