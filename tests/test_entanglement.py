@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 import warnings
 
@@ -20,7 +21,7 @@ from rmlab.diagnostics.entanglement import (
 from rmlab.engine.grads import RandomProjection, SequenceGradients, select_parameters
 from rmlab.engine.pairs import prepare_pair_inputs
 from rmlab.toy import tiny_causal_lm, tiny_tokenizer
-from tests.conftest import make_pairs
+from tests.conftest import hand_tokenise, make_pairs
 
 STATS = ["grad_sq_chosen", "grad_sq_rejected", "grad_inner"]
 
@@ -164,21 +165,32 @@ def test_loss_weight_and_predictions_by_hand(gpt2, tok):
     pairs = make_pairs(8, seed=6)
     beta, lr = 0.3, 2e-4
     f = gradient_entanglement(policy, pairs, reference=reference, tokenizer=tok, beta=beta, lr=lr, progress=False)
-    margin = beta * ((f.logps_chosen - f.ref_logps_chosen) - (f.logps_rejected - f.ref_logps_rejected))
-    np.testing.assert_allclose(f["margin"], margin, rtol=1e-10)
-    c = beta / (1 + np.exp(margin))
-    np.testing.assert_allclose(f["loss_weight"], c, rtol=1e-10)
-    np.testing.assert_allclose(f["pred_delta_chosen"], lr * c * (f.grad_sq_chosen - f.grad_inner), rtol=1e-10)
-    np.testing.assert_allclose(f["pred_delta_rejected"], lr * c * (f.grad_inner - f.grad_sq_rejected), rtol=1e-10)
-    assert (f["chosen_falls"] == (f.grad_inner > f.grad_sq_chosen)).all()
-    assert (f["rejected_rises"] == (f.grad_inner > f.grad_sq_rejected)).all()
+    # everything from brute force: gradients by autograd per response, log-probs of both models
+    stats, _ = brute_force(policy, tok, pairs)
+    sq_w, sq_l, inner, lp_w, lp_l = stats.T
+    with torch.no_grad():
+        ref = np.array([
+            [summed_logp(reference, *hand_tokenise(tok, row)[side]).item() for side in ("chosen", "rejected")]
+            for row in pairs
+        ])
+    np.testing.assert_allclose(f[["ref_logps_chosen", "ref_logps_rejected"]], ref, rtol=0, atol=1e-4)
+    margin = beta * ((lp_w - ref[:, 0]) - (lp_l - ref[:, 1]))
+    np.testing.assert_allclose(f["margin"], margin, rtol=0, atol=1e-4)
+    c = beta / (1 + np.exp(margin))  # beta * sigmoid(-margin) = -dloss/dlp_w of -log sigmoid(margin)
+    np.testing.assert_allclose(f["loss_weight"], c, rtol=1e-4)
+    size = lr * c * (sq_w + sq_l)  # the terms' scale: a difference of two of them can cancel
+    np.testing.assert_array_less(np.abs(f["pred_delta_chosen"] - lr * c * (sq_w - inner)), 1e-4 * size)
+    np.testing.assert_array_less(np.abs(f["pred_delta_rejected"] - lr * c * (inner - sq_l)), 1e-4 * size)
+    assert (f["chosen_falls"] == (inner > sq_w)).all()
+    assert (f["rejected_rises"] == (inner > sq_l)).all()
     assert (f["chosen_falls"] == (f.pred_delta_chosen < 0)).all()
     assert (f.pred_delta_chosen - f.pred_delta_rejected >= 0).all()  # the margin always grows
     # without a reference: c = 1, the plain margin loss
     plain = gradient_entanglement(policy, pairs, tokenizer=tok, lr=lr, progress=False)
     assert (plain["loss_weight"] == 1).all() and plain["margin"].isna().all()
     assert plain.attrs["loss_weight"] == "none" and "c = 1" in plain.attrs["note"]
-    np.testing.assert_allclose(plain["pred_delta_chosen"], lr * (f.grad_sq_chosen - f.grad_inner), rtol=1e-5)
+    np.testing.assert_array_less(np.abs(plain["pred_delta_chosen"] - lr * (sq_w - inner)), 1e-4 * size / c)
+    np.testing.assert_array_less(np.abs(plain["pred_delta_rejected"] - lr * (inner - sq_l)), 1e-4 * size / c)
     none = gradient_entanglement(policy, pairs, reference=reference, tokenizer=tok, loss_weight="none", progress=False)
     assert (none["loss_weight"] == 1).all() and none["margin"].notna().all()
 
@@ -198,6 +210,78 @@ def test_realised_step_moves_the_margin_up_and_restores_the_model(tok):
     for k, v in policy.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert f.attrs["num_params"] == sum(p.numel() for p in policy.parameters() if p.requires_grad)
+
+
+def summed_logp(model, ids, start):
+    """lp(y) of ``ids[start:]`` from the model's own full forward on ``ids`` alone, with autograd."""
+    ids = torch.tensor([list(ids)])
+    logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1).gather(1, ids[0, 1:, None])[:, 0]
+    return logp[start - 1 :].sum()
+
+
+def sgd_step_on_pair(model, tok, row, *, lr, beta, reference=None, pattern=None):
+    """One real optimiser step on one pair, on a copy of ``model``: the DPO loss
+    ``-logsigmoid(beta * ((lp_w - ref_w) - (lp_l - ref_l)))`` (with a reference; else the plain margin
+    loss ``-(lp_w - lp_l)``) by autograd from the copy's own forward, ``torch.optim.SGD(lr).step()``
+    on the selected parameters, then both log-probs measured again. Returns ``(before, after)``."""
+    enc = hand_tokenise(tok, row)
+    copy_ = copy.deepcopy(model).eval()
+    selected = {}
+    for name, param in copy_.named_parameters(remove_duplicate=False):  # tied tensors once
+        if pattern is None or re.search(pattern, name):
+            selected[id(param)] = param
+    for param in copy_.parameters():
+        param.requires_grad_(id(param) in selected)
+    lp_w, lp_l = (summed_logp(copy_, *enc[side]) for side in ("chosen", "rejected"))
+    if reference is not None:
+        with torch.no_grad():
+            ref_w, ref_l = (summed_logp(reference, *enc[side]) for side in ("chosen", "rejected"))
+        loss = -torch.nn.functional.logsigmoid(beta * ((lp_w - ref_w) - (lp_l - ref_l)))
+    else:
+        loss = -(lp_w - lp_l)
+    optimiser = torch.optim.SGD(list(selected.values()), lr=lr)
+    optimiser.zero_grad()
+    loss.backward()
+    optimiser.step()
+    with torch.no_grad():
+        after = [float(summed_logp(copy_, *enc[side])) for side in ("chosen", "rejected")]
+    return np.array([lp_w.item(), lp_l.item()]), np.array(after)
+
+
+@pytest.mark.parametrize(
+    "arch, with_reference, pattern",
+    [("gpt2", True, None), ("gpt2", False, None), ("gpt2", True, r"transformer\.h\.1\.|lm_head"),
+     ("llama", True, r"layers\.0\.mlp|lm_head")],
+)
+def test_realised_and_predicted_changes_equal_a_real_sgd_step(arch, with_reference, pattern):
+    """rmlab's realised change equals that of a real SGD step on the pair's loss (autograd, a copy of
+    the model), and its first-order prediction is close to it at a small learning rate."""
+    tok = tiny_tokenizer()
+    policy, reference = tiny_causal_lm(arch, seed=3), tiny_causal_lm(arch, seed=4)
+    pairs = make_pairs(6, seed=8)
+    beta = 0.3
+    lr = 2e-4 if with_reference else 5e-5  # c = beta * sigmoid(-margin) ~ 0.15 with a reference, else 1
+    f = gradient_entanglement(
+        policy, pairs, reference=reference if with_reference else None, tokenizer=tok, beta=beta, lr=lr,
+        params=pattern, realised=True, progress=False,
+    )
+    steps = [
+        sgd_step_on_pair(policy, tok, row, lr=lr, beta=beta, reference=reference if with_reference else None,
+                         pattern=pattern)
+        for row in pairs
+    ]
+    before = np.array([b for b, _ in steps])
+    real = np.array([a - b for b, a in steps])
+    np.testing.assert_allclose(f[["logps_chosen", "logps_rejected"]], before, rtol=0, atol=1e-4)
+    scale = np.abs(real).max()
+    assert scale > 1e-3, "the step must move the log-probs well above float32 rounding"
+    np.testing.assert_allclose(f["real_delta_chosen"], real[:, 0], rtol=1e-3, atol=1e-3 * scale)
+    np.testing.assert_allclose(f["real_delta_rejected"], real[:, 1], rtol=1e-3, atol=1e-3 * scale)
+    # first order: close for a small step (the second-order term is a few percent here)
+    np.testing.assert_allclose(f["pred_delta_chosen"], real[:, 0], rtol=0.05, atol=0.02 * scale)
+    np.testing.assert_allclose(f["pred_delta_rejected"], real[:, 1], rtol=0.05, atol=0.02 * scale)
+    assert ((real[:, 0] - real[:, 1]) > 0).all()  # the margin grows
+    assert (f["chosen_falls"] == (real[:, 0] < 0)).all()
 
 
 def test_interrupted_realised_step_restores_weights(tok, monkeypatch):

@@ -1,8 +1,11 @@
 """Property tests: any text the loader accepts tokenises to responses that decode back to the text;
-anything it refuses is refused with an RmlabError, never another exception."""
+anything it refuses is refused with an RmlabError, never another exception. Each test also counts
+what was accepted and requires a minimum share of it: a loader that refused everything would
+otherwise pass them all."""
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import pytest
@@ -12,7 +15,7 @@ from rmlab.io.pairs import load_pairs
 from rmlab.io.tokenize import encode_pairs
 from rmlab.toy import tiny_tokenizer
 
-hypothesis = pytest.importorskip("hypothesis")
+hypothesis = pytest.importorskip("hypothesis")  # a [test] dependency: in CI, tests/conftest.py requires it
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
@@ -21,15 +24,38 @@ SPECIAL = set(TOK.all_special_ids)
 TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40)
 
 
-@pytest.mark.filterwarnings("ignore::rmlab.errors.DataWarning")  # the data is bad on purpose here
-@settings(max_examples=150, deadline=None, derandomize=True)
-@given(prompt=TEXT, chosen=TEXT, rejected=TEXT)
-def test_text_pairs_decode_back_or_fail_cleanly(prompt, chosen, rejected):
+def outcomes(check, *, max_examples: int, **strategies) -> list[bool]:
+    """``check(**example)`` on generated examples (deterministic: derandomised, no example database);
+    per example, whether the input was accepted (``check`` returned True) or refused with an
+    RmlabError (False)."""
+    seen: list[bool] = []
+
+    @settings(max_examples=max_examples, deadline=None, derandomize=True, database=None)
+    @given(**strategies)
+    def run(**example):
+        seen.append(bool(check(**example)))
+
+    run()
+    assert len(seen) >= max_examples // 2, f"only {len(seen)} examples were generated"
+    return seen
+
+
+def assert_share_accepted(seen: list[bool], minimum: float) -> None:
+    accepted = sum(seen)
+    assert accepted >= minimum * len(seen), (
+        f"only {accepted} of {len(seen)} generated inputs were accepted (at least {minimum:.0%} expected)"
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# plain text
+# --------------------------------------------------------------------------------------------------
+def check_text_pair(prompt, chosen, rejected) -> bool:
     try:
         pairs = load_pairs([{"prompt": prompt, "chosen": chosen, "rejected": rejected}])
         encoded = encode_pairs(pairs, TOK)
     except RmlabError:
-        return
+        return False
     for side, text in (("chosen", chosen), ("rejected", rejected)):
         seq = getattr(encoded[0], side)
         decoded = TOK.decode(list(seq.ids))
@@ -46,27 +72,41 @@ def test_text_pairs_decode_back_or_fail_cleanly(prompt, chosen, rejected):
         prefix, scored = nbytes(seq.ids[: seq.start]), nbytes(seq.response_ids)
         assert prefix + scored == len((prompt + text).encode("utf-8"))
         assert prefix <= len(prompt.encode("utf-8")) or seq.start == 1
+    return True
 
 
-@settings(max_examples=100, deadline=None, derandomize=True)
-@given(
-    turns=st.lists(
-        st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "robot"]), "content": TEXT}),
-        min_size=0, max_size=3,
-    ),
-    chosen=TEXT,
-    rejected=TEXT,
-)
 @pytest.mark.filterwarnings("ignore::rmlab.errors.DataWarning")  # the data is bad on purpose here
-def test_chat_pairs_never_fail_with_a_foreign_exception(turns, chosen, rejected):
+def test_text_pairs_decode_back_or_fail_cleanly():
+    seen = outcomes(check_text_pair, max_examples=150, prompt=TEXT, chosen=TEXT, rejected=TEXT)
+    assert_share_accepted(seen, 0.5)
+
+
+def check_chat_pair(turns, chosen, rejected) -> bool:
     rows = [{"prompt": turns, "chosen": [{"role": "assistant", "content": chosen}],
              "rejected": [{"role": "assistant", "content": rejected}]}]
     try:
         encoded = encode_pairs(load_pairs(rows), TOK)
     except RmlabError:
-        return
+        return False
     for seq in (encoded[0].chosen, encoded[0].rejected):
         assert 1 <= seq.start <= len(seq.ids)
+    return True
+
+
+@pytest.mark.filterwarnings("ignore::rmlab.errors.DataWarning")  # the data is bad on purpose here
+def test_chat_pairs_never_fail_with_a_foreign_exception():
+    seen = outcomes(
+        check_chat_pair,
+        max_examples=100,
+        turns=st.lists(
+            st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "robot"]), "content": TEXT}),
+            min_size=0, max_size=3,
+        ),
+        chosen=TEXT,
+        rejected=TEXT,
+    )
+    assert_share_accepted(seen, 0.3)
+    assert not all(seen), "the unknown role 'robot' must be refused"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -79,12 +119,11 @@ UNICODE = st.text(
 COMBINED = st.lists(st.one_of(TEXT, WHITESPACE, UNICODE), min_size=1, max_size=3).map("".join)
 
 
-@settings(max_examples=120, deadline=None, derandomize=True)
-@given(prompt=st.one_of(WHITESPACE, UNICODE, COMBINED), chosen=st.one_of(WHITESPACE, UNICODE, COMBINED),
-       rejected=st.one_of(WHITESPACE, UNICODE, COMBINED))
 @pytest.mark.filterwarnings("ignore::rmlab.errors.DataWarning")  # the data is bad on purpose here
-def test_whitespace_and_unicode_text_decode_back_or_fail_cleanly(prompt, chosen, rejected):
-    test_text_pairs_decode_back_or_fail_cleanly.hypothesis.inner_test(prompt, chosen, rejected)
+def test_whitespace_and_unicode_text_decode_back_or_fail_cleanly():
+    text = st.one_of(WHITESPACE, UNICODE, COMBINED)
+    seen = outcomes(check_text_pair, max_examples=120, prompt=text, chosen=text, rejected=text)
+    assert_share_accepted(seen, 0.25)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -149,35 +188,51 @@ def _check_chat(encoded, pairs) -> None:
         assert tail.endswith(last["content"] + "<|im_end|>\n")
 
 
-@settings(max_examples=150, deadline=None, derandomize=True)
-@given(prompt=mostly(CONVERSATION, st.one_of(TEXT, st.none())), chosen=COMPLETION, rejected=COMPLETION)
-def test_chat_structures_score_the_completion_or_fail_cleanly(prompt, chosen, rejected):
-    rows = [{"prompt": prompt, "chosen": chosen, "rejected": rejected}]
+def check_chat_rows(rows) -> bool:
+    """Accepted chat rows score the completion (checked); text rows pass through; refusals are clean."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # identical chosen/rejected warn; that is not a failure
             pairs = load_pairs(rows)
             encoded = encode_pairs(pairs, TOK)
     except RmlabError:
-        return
+        return False
     if pairs.attrs["format"] == "chat":
         _check_chat(encoded, pairs)
+    return True
 
 
-@settings(max_examples=100, deadline=None, derandomize=True)
-@given(shared=CONVERSATION, chosen=COMPLETION, rejected=COMPLETION)
-def test_implicit_prompt_chat_scores_the_completion_or_fails_cleanly(shared, chosen, rejected):
+def test_chat_structures_score_the_completion_or_fail_cleanly():
+    def check(prompt, chosen, rejected):
+        return check_chat_rows([{"prompt": prompt, "chosen": chosen, "rejected": rejected}])
+
+    seen = outcomes(
+        check, max_examples=150, prompt=mostly(CONVERSATION, st.one_of(TEXT, st.none())),
+        chosen=COMPLETION, rejected=COMPLETION,
+    )
+    assert_share_accepted(seen, 0.2)
+    assert not all(seen), "broken conversations must be refused"
+
+
+def test_implicit_prompt_chat_scores_the_completion_or_fails_cleanly():
     """No prompt column: chosen and rejected are whole conversations that start alike."""
-    def whole(tail):
-        return shared + tail if isinstance(tail, list) else tail
+    def check(shared, chosen, rejected):
+        def whole(tail):
+            return shared + tail if isinstance(tail, list) else tail
 
-    rows = [{"chosen": whole(chosen), "rejected": whole(rejected)}]
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            pairs = load_pairs(rows)
-            encoded = encode_pairs(pairs, TOK)
-    except RmlabError:
-        return
-    if pairs.attrs["format"] == "chat":
-        _check_chat(encoded, pairs)
+        return check_chat_rows([{"chosen": whole(chosen), "rejected": whole(rejected)}])
+
+    seen = outcomes(check, max_examples=100, shared=CONVERSATION, chosen=COMPLETION, rejected=COMPLETION)
+    assert_share_accepted(seen, 0.2)
+    assert not all(seen), "broken conversations must be refused"
+
+
+def test_a_loader_that_refuses_everything_fails_these_tests(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise RmlabError("refused")
+
+    monkeypatch.setattr(sys.modules[__name__], "load_pairs", refuse)
+    seen = outcomes(check_text_pair, max_examples=20, prompt=TEXT, chosen=TEXT, rejected=TEXT)
+    assert not any(seen)
+    with pytest.raises(AssertionError, match="only 0 of"):
+        assert_share_accepted(seen, 0.5)

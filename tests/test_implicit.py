@@ -1,6 +1,9 @@
-"""Implicit DPO rewards against TRL's DPOTrainer and against hand computations."""
+"""Implicit DPO rewards (per pair, per token, per step) against TRL's DPOTrainer and against brute-force
+log-probs from the models' own forward passes."""
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 import pandas as pd
@@ -10,7 +13,7 @@ import torch.nn.functional as F
 
 import rmlab
 from rmlab.toy import tiny_causal_lm, tiny_tokenizer
-from tests.conftest import make_pairs
+from tests.conftest import brute_force_logprobs, make_pairs
 
 TRL_METRICS = [
     "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
@@ -63,56 +66,120 @@ def test_metrics_equal_trl_with_truncation(tmp_path, tok, policy, reference):
         assert got[key] == pytest.approx(value, abs=2e-5, rel=1e-5), key
 
 
-def test_columns_and_hand_computation(policy, reference, tok, pairs):
-    beta = 0.3
-    f = rmlab.implicit_rewards(policy, reference, pairs, tokenizer=tok, beta=beta, progress=False)
-    for col in [
-        "logps_chosen", "logps_rejected", "ref_logps_chosen", "ref_logps_rejected", "reward_chosen",
-        "reward_rejected", "margin", "correct", "tokens_chosen", "tokens_rejected", "truncated",
-    ]:
-        assert col in f.columns
-    assert len(f) == len(pairs) and list(f["pair"]) == list(range(len(pairs)))
-    np.testing.assert_allclose(f["reward_chosen"], beta * (f["logps_chosen"] - f["ref_logps_chosen"]))
-    np.testing.assert_allclose(f["margin"], f["reward_chosen"] - f["reward_rejected"])
-    assert (f["correct"] == (f["margin"] > 0)).all()
-    loss = -F.logsigmoid(torch.tensor(f["margin"].to_numpy())).numpy()
-    np.testing.assert_allclose(f["loss"], loss, rtol=1e-10)
-    # text of the input is carried along, in order
-    assert list(f["chosen"]) == [p["chosen"] for p in pairs]
+# --------------------------------------------------------------------------------------------------
+# against brute force: each prompt+response alone through the model's own full forward, tokenised by
+# hand (tests/conftest.py), log_softmax, summed over the response tokens
+# --------------------------------------------------------------------------------------------------
+MODELS = {  # arch -> (tokenizer with BOS?, policy seed, reference seed)
+    "gpt2": (False, 1, 0),
+    "llama": (True, 21, 22),
+}
 
 
-def test_reference_free_and_length_normalised(policy, tok, pairs):
-    beta = 2.0
-    plain = rmlab.implicit_rewards(policy, None, pairs, tokenizer=tok, beta=beta, reference_free=True, progress=False)
-    simpo = rmlab.implicit_rewards(
-        policy, None, pairs, tokenizer=tok, beta=beta, reference_free=True, length_normalize=True, progress=False
+@functools.lru_cache(maxsize=None)
+def brute_case(arch: str):
+    """Tokenizer, models, pairs and the brute-force per-token log-probs of both models."""
+    bos, policy_seed, reference_seed = MODELS[arch]
+    tok = tiny_tokenizer(add_bos=bos)
+    policy, reference = tiny_causal_lm(arch, seed=policy_seed), tiny_causal_lm(arch, seed=reference_seed)
+    pairs = make_pairs(12, seed=4)
+    pol, ref = brute_force_logprobs(policy, tok, pairs), brute_force_logprobs(reference, tok, pairs)
+    return tok, policy, reference, pairs, pol, ref
+
+
+# name -> (beta, with a reference model, length_normalize)
+VARIANTS = {
+    "dpo": (0.3, True, False),
+    "dpo_length_normalized": (0.3, True, True),
+    "reference_free": (2.0, False, False),
+    "simpo": (2.0, False, True),  # reference-free and length-normalised (SimPO)
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("arch", sorted(MODELS))
+def test_rewards_margin_correct_loss_equal_brute_force(arch, variant):
+    tok, policy, reference, pairs, pol, ref = brute_case(arch)
+    beta, with_reference, normalise = VARIANTS[variant]
+    frame = rmlab.implicit_rewards(
+        policy, reference if with_reference else None, pairs, tokenizer=tok, beta=beta,
+        reference_free=not with_reference, length_normalize=normalise, progress=False,
     )
-    assert plain["ref_logps_chosen"].isna().all()
-    np.testing.assert_allclose(plain["reward_chosen"], beta * plain["logps_chosen"])
-    np.testing.assert_allclose(simpo["reward_rejected"], beta * plain["logps_rejected"] / plain["tokens_rejected"])
+    expected = {}
+    for side in ("chosen", "rejected"):
+        logps = np.array([p[side].sum() for p in pol])
+        ref_logps = np.array([r[side].sum() for r in ref])
+        tokens = np.array([len(p[side]) for p in pol])
+        score = logps - ref_logps if with_reference else logps
+        if normalise:
+            score = score / tokens
+        expected |= {
+            f"logps_{side}": logps, f"ref_logps_{side}": ref_logps, f"tokens_{side}": tokens,
+            f"reward_{side}": beta * score,
+        }
+    margin = expected["reward_chosen"] - expected["reward_rejected"]
+    loss = -F.logsigmoid(torch.tensor(margin, dtype=torch.float64)).numpy()
+
+    assert len(frame) == len(pairs) and list(frame["pair"]) == list(range(len(pairs)))
+    for col in ("tokens_chosen", "tokens_rejected"):
+        np.testing.assert_array_equal(frame[col], expected[col], err_msg=col)
+    for col in ("logps_chosen", "logps_rejected"):
+        np.testing.assert_allclose(frame[col], expected[col], rtol=0, atol=1e-4, err_msg=col)
+    for col in ("ref_logps_chosen", "ref_logps_rejected"):
+        if with_reference:
+            np.testing.assert_allclose(frame[col], expected[col], rtol=0, atol=1e-4, err_msg=col)
+        else:
+            assert frame[col].isna().all(), col
+    tol = beta * 2e-5  # summed float32 log-probs agree with float64 brute force to ~2e-6 here
+    for col in ("reward_chosen", "reward_rejected"):
+        np.testing.assert_allclose(frame[col], expected[col], rtol=0, atol=tol, err_msg=col)
+    np.testing.assert_allclose(frame["margin"], margin, rtol=0, atol=2 * tol)
+    np.testing.assert_allclose(frame["loss"], loss, rtol=0, atol=2 * tol)
+    clear = np.abs(margin) > 5 * tol  # the sign of a margin within rounding of 0 decides nothing
+    assert clear.sum() >= len(pairs) - 1
+    np.testing.assert_array_equal(frame["correct"][clear], margin[clear] > 0)
+    assert 0 < (margin[clear] > 0).sum() < clear.sum(), "both outcomes, or the test of `correct` is weak"
+    # TRL's logged aggregates are means over the pairs
+    metrics = rmlab.dpo_metrics(frame)
+    for key, value in {
+        "rewards/chosen": expected["reward_chosen"].mean(),
+        "rewards/rejected": expected["reward_rejected"].mean(),
+        "rewards/margins": margin.mean(),
+        "rewards/accuracies": (margin > 0).mean(),
+        "logps/chosen": expected["logps_chosen"].mean(),
+        "logps/rejected": expected["logps_rejected"].mean(),
+        "loss": loss.mean(),
+    }.items():
+        assert metrics[key] == pytest.approx(value, abs=1e-4 if key.startswith("logps") else 2 * tol), key
+    # text of the input is carried along, in order
+    assert list(frame["chosen"]) == [p["chosen"] for p in pairs]
 
 
-def test_token_rewards_sum_to_sequence_rewards(policy, reference, tok, pairs):
+def test_token_rewards_equal_brute_force(policy, reference, tok, pairs):
     beta = 0.5
-    seq = rmlab.implicit_rewards(policy, reference, pairs, tokenizer=tok, beta=beta, progress=False)
+    pol = brute_force_logprobs(policy, tok, pairs)
+    ref = brute_force_logprobs(reference, tok, pairs)
     tokens = rmlab.token_rewards(policy, reference, pairs, tokenizer=tok, beta=beta, progress=False)
     assert list(tokens.columns) == [
         "pair", "side", "position", "token_id", "token", "logp", "ref_logp", "reward", "cum_reward"
     ]
-    sums = tokens.groupby(["pair", "side"], observed=True)["reward"].sum().unstack()
-    np.testing.assert_allclose(sums["chosen"], seq["reward_chosen"], atol=1e-6)
-    np.testing.assert_allclose(sums["rejected"], seq["reward_rejected"], atol=1e-6)
-    last = tokens.groupby(["pair", "side"], observed=True)["cum_reward"].last().unstack()
-    np.testing.assert_allclose(last["chosen"], seq["reward_chosen"], atol=1e-6)
-    counts = tokens.groupby(["pair", "side"], observed=True).size().unstack()
-    assert (counts["chosen"].to_numpy() == seq["tokens_chosen"].to_numpy()).all()
-    np.testing.assert_allclose(tokens["reward"], beta * (tokens["logp"] - tokens["ref_logp"]), rtol=1e-6)
+    assert len(tokens) == sum(len(p[side]) for p in pol for side in ("chosen", "rejected"))
+    for i in range(len(pairs)):
+        for side in ("chosen", "rejected"):
+            rows = tokens[(tokens.pair == i) & (tokens.side == side)]
+            ids, logp, ref_logp = pol[i]["ids"][side], pol[i][side], ref[i][side]
+            assert list(rows["token_id"]) == ids and list(rows["position"]) == list(range(len(ids)))
+            assert list(rows["token"]) == [tok.decode([t]) for t in ids]
+            np.testing.assert_allclose(rows["logp"], logp, rtol=0, atol=1e-5)
+            np.testing.assert_allclose(rows["ref_logp"], ref_logp, rtol=0, atol=1e-5)
+            np.testing.assert_allclose(rows["reward"], beta * (logp - ref_logp), rtol=0, atol=1e-5)
+            np.testing.assert_allclose(rows["cum_reward"], np.cumsum(beta * (logp - ref_logp)), rtol=0, atol=1e-4)
     # decoded tokens re-assemble the response (the last token is the appended EOS)
     first = tokens[(tokens.pair == 0) & (tokens.side == "chosen")]
     assert "".join(first["token"]) == pairs[0]["chosen"] + tok.eos_token
 
 
-def test_step_rewards(policy, reference, tok):
+def test_step_rewards_of_joined_text_equal_step_lists(policy, reference, tok):
     steps = [["First the plot was slow.", "Then the cast was great.", "So I liked it."]]
     joined = [
         {"prompt": "Review:", "chosen": " " + "\n\n".join(steps[0]), "rejected": " It was dull.\n\nVery dull."}
@@ -125,11 +192,58 @@ def test_step_rewards(policy, reference, tok):
     chosen = a[a.side == "chosen"]
     assert list(chosen["step"]) == [0, 1, 2]
     assert chosen["text"].iloc[1].strip() == "Then the cast was great."
-    seq = rmlab.implicit_rewards(policy, reference, joined, tokenizer=tok, progress=False)
-    assert chosen["reward"].sum() == pytest.approx(seq["reward_chosen"].iloc[0], abs=1e-6)
-    np.testing.assert_allclose(chosen["value"], np.cumsum(chosen["reward"]), atol=1e-9)
-    assert chosen["min_step_reward"].iloc[0] == pytest.approx(chosen["reward"].min())
     assert (a[a.side == "rejected"]["step"] == [0, 1]).all()
+
+
+NEWLINE_STEPS = [
+    {
+        "prompt": "Review:",
+        "chosen": " First the plot was slow.\nThen the cast was great.\nSo I liked it.",
+        "rejected": " It was dull.\nVery dull.",
+    },
+    {
+        "prompt": "Write a short review of the movie.",
+        "chosen": " The story was charming.\nThe music was wonderful.\nThe ending was weak.\nStill, a clever film.",
+        "rejected": " The plot was flat!",  # a single step
+    },
+]
+
+
+@pytest.mark.parametrize("reference_free", [False, True])
+def test_step_rewards_equal_brute_force(policy, reference, tok, reference_free):
+    """Steps by hand: the per-token rewards from brute-force log-probs, cut after each delimiter token.
+    The delimiter "\\n" is a token of its own in these texts (checked), so where a step ends is
+    unambiguous: the step it closes holds it, the next step starts with the next word."""
+    beta = 0.4
+    (newline,) = tok.convert_tokens_to_ids(tok.tokenize("\n"))
+    pol = brute_force_logprobs(policy, tok, NEWLINE_STEPS)
+    ref = brute_force_logprobs(reference, tok, NEWLINE_STEPS)
+    frame = rmlab.step_rewards(
+        policy, None if reference_free else reference, NEWLINE_STEPS, tokenizer=tok, beta=beta,
+        delimiter="\n", reference_free=reference_free, progress=False,
+    )
+    assert list(frame.columns[:8]) == ["pair", "side", "step", "text", "tokens", "reward", "value", "min_step_reward"]
+    assert len(frame) == sum(row[side].count("\n") + 1 for row in NEWLINE_STEPS for side in ("chosen", "rejected"))
+    for i, row in enumerate(NEWLINE_STEPS):
+        for side in ("chosen", "rejected"):
+            ids = pol[i]["ids"][side]
+            assert ids.count(newline) == row[side].count("\n")  # every delimiter is a token of its own
+            per_token = beta * (pol[i][side] if reference_free else pol[i][side] - ref[i][side])
+            ends = [k for k, t in enumerate(ids) if t == newline] + [len(ids) - 1]
+            begins = [0] + [e + 1 for e in ends[:-1]]
+            rewards = np.array([per_token[b : e + 1].sum() for b, e in zip(begins, ends)])
+            values = np.cumsum(rewards)
+            assert values[-1] == pytest.approx(per_token.sum())  # the sequence reward
+            texts = row[side].split("\n")
+            got = frame[(frame.pair == i) & (frame.side == side)]
+            assert list(got["step"]) == list(range(len(ends))), (i, side)
+            assert list(got["tokens"]) == [e + 1 - b for b, e in zip(begins, ends)]
+            assert list(got["text"]) == [t + "\n" for t in texts[:-1]] + [texts[-1] + tok.eos_token]
+            np.testing.assert_allclose(got["reward"], rewards, rtol=0, atol=1e-5)
+            np.testing.assert_allclose(got["value"], values, rtol=0, atol=1e-5)
+            np.testing.assert_allclose(got["min_step_reward"], rewards.min(), rtol=0, atol=1e-5)
+            if len(rewards) > 2:  # the minimum is informative: neither the first nor the last step alone
+                assert np.ptp(rewards) > 1e-3
 
 
 @pytest.mark.filterwarnings("ignore::rmlab.errors.DataWarning")  # the data is bad on purpose here

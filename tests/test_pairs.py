@@ -12,10 +12,11 @@ from rmlab.io.tokenize import encode_pairs
 from rmlab.toy import tiny_causal_lm, tiny_tokenizer
 from tests.conftest import make_pairs
 
-datasets = pytest.importorskip("datasets")
-trl = pytest.importorskip("trl")
-from trl.data_utils import extract_prompt  # noqa: E402
-from trl.trainer.dpo_trainer import DataCollatorForPreference  # noqa: E402
+
+def need(module: str):
+    """An optional test dependency, imported for the one test that needs it (skipped without it;
+    tests/conftest.py makes a missing one an error in CI)."""
+    return pytest.importorskip(module)
 
 # DPOConfig itself sets a deprecated TrainingArguments field; that is TRL's business, not ours
 pytestmark = pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated:FutureWarning")
@@ -74,7 +75,7 @@ def make_source(kind: str, rows: list[dict], tmp):
     if kind == "columns":
         return _columns(rows)
     if kind == "dataset":
-        return datasets.Dataset.from_list(rows)
+        return need("datasets").Dataset.from_list(rows)
     if kind == "jsonl":
         path = tmp / "d.jsonl"
         path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
@@ -251,7 +252,7 @@ def test_implicit_prompt_equals_trl_extract_prompt(rows, fmt, source, tmp_path):
     assert list(frame.columns) == ["prompt", "chosen", "rejected"]
     assert frame.attrs["format"] == fmt
     for i, row in enumerate(rows):
-        expected = extract_prompt(dict(row))
+        expected = need("trl.data_utils").extract_prompt(dict(row))
         got = {c: frame[c].iloc[i] for c in ("prompt", "chosen", "rejected")}
         assert got == expected, i
         assert got["prompt"] + got["chosen"] == row["chosen"]
@@ -272,6 +273,7 @@ def models():
 
 def trl_tokenised(models, tok, rows, tmp_path, **config):
     """The train dataset of a real DPOTrainer: prompt_ids / chosen_ids / rejected_ids per row."""
+    trl, datasets = need("trl"), need("datasets")
     args = trl.DPOConfig(
         output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False, dataset_num_proc=None,
         **config,
@@ -458,7 +460,7 @@ def test_truncation_equals_trl_collator(mode, max_length, models, tmp_path):
     tok = tiny_tokenizer()
     rows = truncation_rows()
     examples = list(trl_tokenised(models, tok, rows, tmp_path))
-    collator = DataCollatorForPreference(
+    collator = need("trl.trainer.dpo_trainer").DataCollatorForPreference(
         pad_token_id=tok.pad_token_id, max_length=max_length, truncation_mode=mode
     )
     batch = collator(examples)

@@ -13,9 +13,6 @@ from rmlab.io.models import load_reward_model
 from rmlab.toy import tiny_causal_lm, tiny_reward_model, tiny_tokenizer
 from tests.conftest import make_pairs
 
-datasets = pytest.importorskip("datasets")
-trl = pytest.importorskip("trl")
-
 pytestmark = pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated:FutureWarning")
 
 
@@ -92,6 +89,7 @@ def test_tokenisation_matches_trls_reward_trainer(tok, tmp_path):
     rm = tiny_reward_model("gpt2", seed=0)
     rows = make_pairs(6, seed=9)
     rows[1]["chosen"] += tok.eos_token  # already closed: no second EOS, in TRL and here
+    trl, datasets = pytest.importorskip("trl"), pytest.importorskip("datasets")
     args = trl.RewardConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False)
     trainer = trl.RewardTrainer(
         model=rm, args=args, processing_class=tok, train_dataset=datasets.Dataset.from_list(rows)

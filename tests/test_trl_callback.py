@@ -16,9 +16,6 @@ from rmlab.integrations import DiagnosticsCallback
 from rmlab.toy import tiny_causal_lm, tiny_tokenizer
 from tests.conftest import make_pairs
 
-datasets = pytest.importorskip("datasets")
-trl = pytest.importorskip("trl")
-
 # DPOConfig itself sets a deprecated TrainingArguments field; that is TRL's business, not ours
 pytestmark = pytest.mark.filterwarnings(r"ignore:`(is_)?gradient_checkpointing\S*` is deprecated:FutureWarning")
 
@@ -48,6 +45,7 @@ def make_trainer(tok, train_pairs, out, *, precompute=False, callbacks=None, max
     policy, reference = tiny_causal_lm(arch, seed=1), tiny_causal_lm(arch, seed=0)
     # copied before the trainer patches the instance's forward (TRL's fused LM head closes over the original)
     initial = copy.deepcopy(policy)
+    trl, datasets = pytest.importorskip("trl"), pytest.importorskip("datasets")  # skips the test using this
     args = trl.DPOConfig(
         output_dir=str(out), report_to="none", use_cpu=True, bf16=False, beta=BETA, per_device_train_batch_size=4,
         max_steps=max_steps, logging_steps=1, learning_rate=1e-2, dataset_num_proc=None, save_strategy="no",
