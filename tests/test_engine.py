@@ -11,7 +11,7 @@ import torch
 
 import rmlab
 from rmlab.engine.batching import length_batches, pad_right
-from rmlab.engine.logprobs import lm_head_for, selective_log_softmax, token_logprobs
+from rmlab.engine.logprobs import Scored, lm_head_for, selective_log_softmax, token_logprobs
 from rmlab.io.pairs import load_pairs
 from rmlab.io.tokenize import encode_pairs
 from rmlab.toy import tiny_causal_lm, tiny_tokenizer
@@ -43,7 +43,7 @@ def test_batched_equals_unbatched_unpadded(arch, padding_side):
         model, sequences, groups=groups, batch_tokens=120, pad_id=tok.pad_token_id, progress=False,
         share_prompt=False,
     )
-    assert lm_head_for(model).shared is True, "the pairs' prompts should have run once"
+    assert lm_head_for(model).shared == {0: True}, "the pairs' prompts should have run once"
     for seq, values, unshared in zip(sequences, got, whole):
         expected = brute_force(model, seq)
         assert values.shape == expected.shape
@@ -51,9 +51,22 @@ def test_batched_equals_unbatched_unpadded(arch, padding_side):
         np.testing.assert_allclose(unshared, expected, atol=1e-4, rtol=0)
 
 
-def test_prompt_sharing_that_disagrees_falls_back_to_whole_sequences(tok, pairs, monkeypatch):
-    """If resuming from the prompt's KV cache changed the numbers, the check catches it once and
-    every sequence runs whole (the result still equals the brute force)."""
+def _long_prompt_pairs(vocab: int, n: int = 6, seed: int = 0) -> tuple[list, list]:
+    """Pairs with long prompts and short responses: the engine chooses to run the prompts once."""
+    rng = np.random.default_rng(seed)
+    sequences, groups = [], []
+    for i in range(n):
+        prompt = rng.integers(1, vocab, int(rng.integers(18, 25))).tolist()
+        for _ in range(2):
+            response = rng.integers(1, vocab, int(rng.integers(2, 7))).tolist()
+            sequences.append(Scored(tuple(prompt + response), len(prompt)))
+        groups.append([2 * i, 2 * i + 1])
+    return sequences, groups
+
+
+def test_prompt_sharing_that_disagrees_falls_back_to_whole_sequences(monkeypatch):
+    """If resuming from the prompt's KV cache changed the numbers, the check catches it once, says
+    so in one warning, and every sequence runs whole (the result still equals the brute force)."""
     import rmlab.engine.logprobs as engine
 
     real = engine._shared_batch_logprobs
@@ -63,10 +76,39 @@ def test_prompt_sharing_that_disagrees_falls_back_to_whole_sequences(tok, pairs,
 
     monkeypatch.setattr(engine, "_shared_batch_logprobs", broken)
     model = tiny_causal_lm("llama", seed=6)
-    encoded = encode_pairs(load_pairs(pairs[:6]), tok)
-    sequences = [s for p in encoded for s in (p.chosen, p.rejected)]
-    got = token_logprobs(model, sequences, groups=[[2 * i, 2 * i + 1] for i in range(6)], progress=False)
-    assert engine.lm_head_for(model).shared is False
+    sequences, groups = _long_prompt_pairs(model.config.vocab_size)
+    with pytest.warns(UserWarning, match="changes log-probs by 0.5") as caught:
+        got = token_logprobs(model, sequences, groups=groups, progress=False)
+        token_logprobs(model, sequences, groups=groups, progress=False)
+    assert len([w for w in caught if "KV cache" in str(w.message)]) == 1, "warned once per model"
+    assert engine.lm_head_for(model).shared == {0: False}
+    for seq, values in zip(sequences, got):
+        np.testing.assert_allclose(values, brute_force(model, seq), atol=1e-4)
+
+
+def test_the_sharing_check_catches_right_padded_prompts_under_a_sliding_window(monkeypatch):
+    """Right-padded prompts put padding between a prompt and its continuation in the KV cache, and a
+    sliding-window layer then attends to padding: the check (padded prompts, sequences longer than
+    the window) must see it and fall back, so no wrong number comes out."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    import rmlab.engine.kv_cache as kv
+
+    def right_padded(sequences, pad_id):
+        ids, mask = pad_right(sequences, pad_id)
+        return ids, mask, torch.arange(ids.shape[1]).expand_as(ids).clone()
+
+    monkeypatch.setattr(kv, "pad_left", right_padded)
+    torch.manual_seed(0)
+    config = MistralConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=8, max_position_embeddings=128,
+    )
+    model = MistralForCausalLM(config).eval()
+    sequences, groups = _long_prompt_pairs(64)
+    with pytest.warns(UserWarning, match=r"KV cache changes log-probs .*attention windows \[8\]"):
+        got = token_logprobs(model, sequences, groups=groups, progress=False)
+    assert lm_head_for(model).shared == {1: False}
     for seq, values in zip(sequences, got):
         np.testing.assert_allclose(values, brute_force(model, seq), atol=1e-4)
 

@@ -24,6 +24,13 @@ import torch
 from tqdm.auto import tqdm
 
 from rmlab.engine.batching import default_batch_tokens, length_batches, pad_right
+from rmlab.engine.kv_cache import (
+    attention_windows,
+    probe_sequences,
+    prompt_then_continuations,
+    warn_once,
+    window_regime,
+)
 
 #: Bytes of float32 logits one chunk of the selective log-softmax may hold.
 _CHUNK_BYTES = {"cpu": 1 << 26, "cuda": 1 << 29}
@@ -63,7 +70,7 @@ class LMHead:
         self.scale = 1.0 if scale is None else float(scale)
         self.fused = self.backbone is not None and self.head is not None
         self.verified = False
-        self.shared: bool | None = None  # prompt sharing checked (None: not yet)
+        self.shared: dict[int, bool] = {}  # window regime -> prompt sharing is exact (checked)
 
     @property
     def model(self):
@@ -200,34 +207,25 @@ def _shares_prompt(seqs: Sequence[Scored]) -> bool:
     return all(s.start == start and tuple(s.ids[:start]) == prompt and len(s.ids) > start for s in seqs)
 
 
+def _last_hidden(out) -> torch.Tensor:
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
 def _shared_batch_logprobs(
     head: LMHead, groups: Sequence[Sequence[Scored]], pad_id: int, device
 ) -> list[list[torch.Tensor]]:
     """Log-probs of groups of sequences that share a prompt: the prompt runs once through the
-    backbone, every continuation resumes from its KV cache (positions and mask continue it)."""
+    backbone, every continuation resumes from its KV cache (see :mod:`rmlab.engine.kv_cache`)."""
     width = len(groups[0])
     prompts = [list(g[0].ids[: g[0].start]) for g in groups]
-    p_ids, p_mask = pad_right(prompts, pad_id)
-    p_ids, p_mask = p_ids.to(device), p_mask.to(device)
-    out = head.backbone(input_ids=p_ids, attention_mask=p_mask, use_cache=True)
-    p_hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    cache = out.past_key_values
-    cache.batch_repeat_interleave(width)
-    conts = [list(s.ids[s.start :]) for g in groups for s in g]
-    c_ids, c_mask = pad_right(conts, pad_id)
-    c_ids, c_mask = c_ids.to(device), c_mask.to(device)
-    lengths = torch.tensor([len(p) for p in prompts], device=device).repeat_interleave(width)
-    mask = torch.cat([p_mask.repeat_interleave(width, dim=0), c_mask], dim=1)
-    positions = lengths[:, None] + torch.arange(c_ids.shape[1], device=device)[None, :]
-    out = head.backbone(
-        input_ids=c_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
-    )
-    c_hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    # the first response token is predicted by the prompt's last state, the others by the continuation's
+    conts = [[list(s.ids[s.start :]) for s in g] for g in groups]
+    prompt_out, cont_out = prompt_then_continuations(head.backbone, prompts, conts, pad_id, device)
+    p_hidden, c_hidden = _last_hidden(prompt_out), _last_hidden(cont_out)
+    # the first response token is predicted by the prompt's last state (the last column: prompts
+    # are left-padded), the others by the continuation's
     rows, labels, counts = [], [], []
-    for k, cont in enumerate(conts):
-        g = k // width
-        rows.append(p_hidden[g, len(prompts[g]) - 1 : len(prompts[g])])
+    for k, cont in enumerate(c for group in conts for c in group):
+        rows.append(p_hidden[k // width, -1:])
         rows.append(c_hidden[k, : len(cont) - 1])
         labels.extend(cont)
         counts.append(len(cont))
@@ -238,31 +236,53 @@ def _shared_batch_logprobs(
     return [per_seq[i * width : (i + 1) * width] for i in range(len(groups))]
 
 
-def _verify_shared(head: LMHead, group: Sequence[Scored], pad_id: int, device) -> None:
-    """Check once per model that resuming from the prompt's KV cache gives the unshared log-probs."""
-    if head.shared is not None:
-        return
-    head.shared = False
+def sharing_is_exact(head: LMHead, regime: int, pad_id: int, device) -> bool:
+    """Whether running a prompt once and continuing from its KV cache gives the model's own
+    log-probs for sequences of ``regime`` (see :func:`rmlab.engine.kv_cache.window_regime`).
+
+    Checked once per model and regime on :func:`~rmlab.engine.kv_cache.probe_sequences` (padded
+    prompts of different lengths, sequences longer than the regime's attention windows) against
+    the model's own forward of each sequence alone; on a mismatch a one-line warning says so and
+    every sequence of that regime runs whole.
+    """
+    if regime in head.shared:
+        return head.shared[regime]
+    head.shared[regime] = False
     if not head.fused:
-        return
-    was_training = head.model.training
-    head.model.eval()
+        return False
+    model = head.model
+    name = type(model).__name__
+    prompts, conts = probe_sequences(model, regime, pad_id)
+    groups = [[Scored(tuple(p + c), len(p)) for c in group] for p, group in zip(prompts, conts)]
+    was_training = model.training
+    model.eval()
     try:
-        shared = _shared_batch_logprobs(head, [group], pad_id, device)[0]
-        whole = _batch_logprobs(head, list(group), pad_id, device)
+        shared = [v for group in _shared_batch_logprobs(head, groups, pad_id, device) for v in group]
+        alone = [_reference_logprobs(model, s) for group in groups for s in group]
     except Exception as err:  # an architecture whose cache cannot be resumed this way
-        warnings.warn(
-            f"{type(head.model).__name__}: running the shared prompt once failed ({type(err).__name__}: "
-            f"{err}); every sequence runs whole for this model.",
-            stacklevel=3,
+        warn_once(
+            model, ("share", regime),
+            f"{name}: running a shared prompt once failed ({type(err).__name__}: {err}); every "
+            "sequence runs whole for this model (exact, slower).",
         )
-        return
+        return False
     finally:
-        head.model.train(was_training)
-    dtype = next(head.model.parameters()).dtype
+        model.train(was_training)
+    dtype = next(model.parameters()).dtype
     tol = 1e-3 if dtype == torch.float32 else 0.1
-    err = max(float((a - b).abs().max()) for a, b in zip(shared, whole))
-    head.shared = err <= tol
+    err = max(float((a - b).abs().max()) for a, b in zip(shared, alone))
+    if not err <= tol:
+        windows = attention_windows(model)
+        where = f" (attention windows {windows})" if windows else ""
+        warn_once(
+            model, ("share", regime),
+            f"{name}: continuing sequences from their shared prompt's KV cache changes log-probs by "
+            f"{err:.2g} on {max(len(s.ids) for g in groups for s in g)}-token sequences{where}; every "
+            "such sequence runs whole for this model (exact, slower).",
+        )
+        return False
+    head.shared[regime] = True
+    return True
 
 
 def token_logprobs(
@@ -292,7 +312,8 @@ def token_logprobs(
         desc: label of the progress bar.
         share_prompt: when the sequences of a group continue one prompt (a preference pair), run
             the prompt once and resume every continuation from its KV cache. Checked once per model
-            against running the sequences whole; models where that differs run them whole.
+            and attention-window regime against the model's own forward (padded prompts, sequences
+            longer than the windows); where that differs the sequences run whole, with a warning.
 
     Returns:
         One float32 array per sequence, in input order, of length ``len(ids) - start``.
@@ -319,21 +340,24 @@ def token_logprobs(
         first = next(g for g, ok in zip(groups, shareable) if ok)
         with torch.inference_mode():
             verify_head(head, sequences[first[0]], pad_id, device)
-            _verify_shared(head, [sequences[k] for k in first], pad_id, device)
-        if not head.shared:
-            shareable = [False] * len(groups)
     # Batches are formed on whole lengths (as without sharing); a batch of shareable groups runs its
-    # prompts once only when that saves enough padded tokens: prompts and continuations are padded
-    # separately, so sharing can cost more than it saves when prompt lengths vary within a batch.
+    # prompts once only when that saves enough padded tokens (prompts and continuations are padded
+    # separately, so sharing can cost more than it saves when prompt lengths vary within a batch)
+    # and when sharing is exact for sequences as long as the batch's (checked once per regime).
     batches = []
     for batch in length_batches(lengths, budget, width=width):
-        shared = [g for g in batch if shareable[g]]
+        shared = [g for g in batch if shareable[g] and head.fused]
         if shared:
             prompt = max(sequences[groups[g][0]].start for g in shared)
             cont = max(len(sequences[k].ids) - sequences[k].start for g in shared for k in groups[g])
             whole = max(lengths[g] for g in shared)
             if len(shared) * (prompt + width * cont) > _SHARE_GAIN * len(shared) * width * whole:
                 shared = []
+        if shared:
+            regime = window_regime(model, max(lengths[g] for g in shared))
+            with torch.inference_mode():
+                if not sharing_is_exact(head, regime, pad_id, device):
+                    shared = []
         rest = [g for g in batch if g not in shared]
         batches += [(part, use) for part, use in ((shared, True), (rest, False)) if part]
     results: list[np.ndarray | None] = [None] * len(sequences)

@@ -28,6 +28,13 @@ from tqdm.auto import tqdm
 
 from rmlab.cache import ChunkCache, compute_dtype, run_cached, sequences_digest, tokenizer_digest, weights_digest
 from rmlab.engine.batching import default_batch_tokens, length_batches, pad_right
+from rmlab.engine.kv_cache import (
+    attention_windows,
+    probe_sequences,
+    prompt_then_continuations,
+    warn_once,
+    window_regime,
+)
 from rmlab.errors import ArgumentError, ModelError, TokenizerError
 from rmlab.io.models import (
     check_context,
@@ -390,53 +397,40 @@ def _shared_batch(model, prompts, continuations, pad_id: int, label: int) -> lis
     """Raw per-position scores (prompt + each continuation) for one batch of prompt groups."""
     device = model_device(model)
     width = len(continuations[0])
-    p_ids, p_mask = pad_right(prompts, pad_id)
-    p_ids, p_mask = p_ids.to(device), p_mask.to(device)
-    captured = {}
-
-    def hook(_module, _inputs, output):
-        captured["scores"] = output
-
-    handle = _score_head(model).register_forward_hook(hook)
+    captured = []
+    handle = _score_head(model).register_forward_hook(lambda _m, _i, output: captured.append(output))
     try:
-        out = model(input_ids=p_ids, attention_mask=p_mask, use_cache=True)
-        prompt_scores = captured["scores"][..., label].float().cpu().numpy().astype(np.float64)
-        cache = out.past_key_values
-        cache.batch_repeat_interleave(width)
-        flat = [c for group in continuations for c in group]
-        c_ids, c_mask = pad_right(flat, pad_id)
-        c_ids, c_mask = c_ids.to(device), c_mask.to(device)
-        lengths = torch.tensor([len(p) for p in prompts], device=device).repeat_interleave(width)
-        mask = torch.cat([p_mask.repeat_interleave(width, dim=0), c_mask], dim=1)
-        positions = lengths[:, None] + torch.arange(c_ids.shape[1], device=device)[None, :]
-        model(input_ids=c_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
-        cont_scores = captured["scores"][..., label].float().cpu().numpy().astype(np.float64)
+        prompt_then_continuations(model, prompts, continuations, pad_id, device)
     finally:
         handle.remove()
+    # prompts are left-padded: prompt g's scores are the last len(prompt) columns of row g
+    prompt_scores, cont_scores = (c[..., label].float().cpu().numpy().astype(np.float64) for c in captured)
     result = []
     for g, (prompt, group) in enumerate(zip(prompts, continuations)):
-        head = prompt_scores[g, : len(prompt)]
+        head = prompt_scores[g, prompt_scores.shape[1] - len(prompt) :]
         result.append(
             [np.concatenate([head, cont_scores[g * width + k, : len(c)]]) for k, c in enumerate(group)]
         )
     return result
 
 
-def shared_prompt_problem(model, pad_id: int, label: int = 0) -> str | None:
+def shared_prompt_problem(model, pad_id: int, label: int = 0, length: int = 0) -> str | None:
     """Why running a prompt once and continuing both responses from its KV cache is not exact for
-    ``model`` (None when it is). Checked once per model against :func:`position_scores`."""
-    key = (pad_id, label)
+    ``model`` on sequences of up to ``length`` tokens (None when it is).
+
+    Checked once per model and attention-window regime (:func:`rmlab.engine.kv_cache.window_regime`)
+    on padded prompts of different lengths and sequences longer than the regime's windows
+    (:func:`rmlab.engine.kv_cache.probe_sequences`), against scoring every sequence alone with
+    :func:`position_scores`; a problem is also warned about once.
+    """
+    regime = window_regime(model, length)
+    key = (pad_id, label, regime)
     cached = _SHARED.get(model, {})
     if key in cached:
         return cached[key]
     problem = one_pass_problem(model, pad_id, label)
     if problem is None:
-        vocab = model.get_input_embeddings().weight.shape[0]
-        generator = torch.Generator().manual_seed(1)
-        drawn = torch.randint(0, vocab, (14,), generator=generator).tolist()
-        tokens = [t if t != pad_id else (pad_id + 1) % vocab for t in drawn]
-        prompts = [tokens[:5], tokens[5:7]]
-        groups = [[tokens[7:10], tokens[10:14]], [tokens[7:11], tokens[11:12]]]
+        prompts, groups = probe_sequences(model, regime, pad_id)
         try:
             with pad_token(model, pad_id) as pad, torch.inference_mode():
                 shared = _shared_batch(model, prompts, groups, pad, label)
@@ -448,11 +442,16 @@ def shared_prompt_problem(model, pad_id: int, label: int = 0) -> str | None:
             got = [s for group in shared for s in group]
             worst = max(float(np.abs(a - b).max()) for a, b in zip(alone, got))
             scale = max(1.0, max(float(np.abs(a).max()) for a in alone))
-            if worst > 1e-4 * scale:
+            if not worst <= 1e-4 * scale:
+                windows = attention_windows(model)
                 problem = (
                     f"continuing from {type(model).__name__}'s KV cache changes the scores "
-                    f"(by up to {worst:.2g})"
+                    f"(by up to {worst:.2g} on {max(len(f) for f in full)}-token sequences"
+                    + (f", attention windows {windows}" if windows else "")
+                    + ")"
                 )
+        if problem is not None:
+            warn_once(model, ("share", key), f"{problem}; every pair runs whole for this model (exact, slower).")
     cached[key] = problem
     _SHARED[model] = cached
     return problem

@@ -53,6 +53,7 @@ from tqdm.auto import tqdm
 
 from rmlab.cache import ChunkCache, resolve_cache_dir, tokenizer_digest, weights_digest
 from rmlab.engine.batching import length_batches
+from rmlab.engine.kv_cache import cache_kwarg, output_cache
 from rmlab.engine.logprobs import Scored, token_logprobs
 from rmlab.errors import ArgumentError, DataError, ModelError, check_choice, closest
 from rmlab.io.models import (
@@ -379,7 +380,7 @@ def decode_batch(
     live = torch.arange(rows, device=device)  # original row of each cache row
     alive = torch.ones(rows, dtype=torch.bool, device=device)  # cache rows still decoding
     result = _forward(model, input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-    cache, logits = result.past_key_values, result.logits[:, -1]
+    cache, logits = output_cache(result), result.logits[:, -1]
     compactable = hasattr(cache, "batch_select_indices")
     for t in range(steps):
         tokens, lp = pick_tokens(logits, u_all[live, t], temperature, top_p)
@@ -403,9 +404,9 @@ def decode_batch(
         pos = pos[:, -1:] + 1
         result = _forward(
             model, input_ids=tokens[:, None], attention_mask=mask, position_ids=pos,
-            past_key_values=cache, use_cache=True,
+            use_cache=True, **{cache_kwarg(model): cache},
         )
-        cache, logits = result.past_key_values, result.logits[:, -1]
+        cache, logits = output_cache(result), result.logits[:, -1]
     if on_finished is not None and int((~done).sum()):
         on_finished(int((~done).sum()))
     n_gen, out, lps, done = n_gen.cpu().tolist(), out.cpu(), lps.cpu(), done.cpu().tolist()

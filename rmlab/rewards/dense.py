@@ -103,7 +103,10 @@ def _one_pass_scores(inputs: RewardInputs, progress: bool, share_prompt: bool) -
         autocast_dtype=inputs.autocast_dtype, progress=progress,
     )
     shared = []
-    if share_prompt and inputs.kind == "pairs" and not shared_prompt_problem(inputs.model, inputs.pad_id, inputs.label):
+    longest = max((len(s.ids) for s in seqs), default=0)
+    if share_prompt and inputs.kind == "pairs" and not shared_prompt_problem(
+        inputs.model, inputs.pad_id, inputs.label, longest
+    ):
         shared = [i for i in range(0, len(seqs), 2) if _shareable(seqs[i], seqs[i + 1])]
     if shared:
         groups = [
