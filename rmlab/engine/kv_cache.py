@@ -156,7 +156,9 @@ def prompt_then_continuations(module, prompts, continuations, pad_id: int, devic
     c_ids, c_mask = (t.to(device) for t in pad_right(flat, pad_id))
     lengths = torch.tensor([len(p) for p in prompts], device=device).repeat_interleave(width)
     mask = torch.cat([p_mask.repeat_interleave(width, dim=0), c_mask], dim=1)
-    positions = lengths[:, None] + torch.arange(c_ids.shape[1], device=device)[None, :]
+    # padding after a short continuation repeats its last position, which stays inside the context
+    last = lengths + torch.tensor([len(c) for c in flat], device=device) - 1
+    positions = torch.minimum(lengths[:, None] + torch.arange(c_ids.shape[1], device=device)[None, :], last[:, None])
     cont_out = with_cache(
         module, cache, input_ids=c_ids, attention_mask=mask, position_ids=positions, use_cache=True
     )

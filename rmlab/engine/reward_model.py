@@ -442,7 +442,9 @@ def shared_prompt_problem(model, pad_id: int, label: int = 0, length: int = 0) -
             got = [s for group in shared for s in group]
             worst = max(float(np.abs(a - b).max()) for a, b in zip(alone, got))
             scale = max(1.0, max(float(np.abs(a).max()) for a in alone))
-            if not worst <= 1e-4 * scale:
+            # float32 agrees to rounding; half precision rounds each path differently
+            rel = 1e-4 if next(model.parameters()).dtype == torch.float32 else 2e-2
+            if not worst <= rel * scale:
                 windows = attention_windows(model)
                 problem = (
                     f"continuing from {type(model).__name__}'s KV cache changes the scores "
