@@ -93,6 +93,49 @@ def test_ches_equals_hand_computation_from_output_hidden_states(arch, bos):
     assert sorted(frame["rank"].tolist()) == list(range(1, len(pairs) + 1))
 
 
+def exact_ches(sum_w, sum_l, n_w, n_l):
+    """CHES and LN-CHES of Definition 2 in exact rational arithmetic (the float64 sums are exact inputs)."""
+    from fractions import Fraction
+
+    w = [Fraction(float(v)) for v in sum_w]
+    lo = [Fraction(float(v)) for v in sum_l]
+    inner = sum(a * b for a, b in zip(w, lo))
+    square = sum(a * a for a in w)
+    return float(inner - square), float(inner / (n_w * n_l) - square / n_w**2)
+
+
+@pytest.mark.parametrize("arch, norm", [("gpt2", "transformer.ln_f"), ("gpt_neox", "gpt_neox.final_layer_norm")])
+def test_ches_keeps_its_digits_with_a_large_common_offset(arch, norm):
+    """Long, nearly equal responses whose hidden states share a large offset (the final norm's bias):
+    CHES is a small difference of two inner products of sums of ~250 hidden states of size ~100.
+    Summed in float32, CHES was off by 5% to 230x and LN-CHES by up to 5x on these pairs; summed in
+    float64 both match an exact (rational) computation from the model's own output_hidden_states."""
+    tok = tiny_tokenizer()
+    model = tiny_causal_lm(arch, seed=3).eval()
+    final = model.get_submodule(norm)
+    with torch.no_grad():
+        final.weight.mul_(0.01)
+        final.bias.copy_(100.0 + torch.randn(final.bias.shape, generator=torch.Generator().manual_seed(0)))
+    phrases = ["the film was great", "the plot was slow", "a charming film", "the music was dull"]
+    rng = np.random.default_rng(0)
+    pairs = []
+    for ending in ("!", "?", " and that is all.", " the end"):
+        body = " " + " ".join(rng.choice(phrases, 40))
+        pairs.append({"prompt": "Review:", "chosen": body + ".", "rejected": body + ending})
+    frame = ches(model, pairs, tokenizer=tok, progress=False)
+    for i, pair in enumerate(pairs):
+        prompt, full = hand_encode(tok, pair)
+        start = len(prompt)
+        sums = {side: last_hidden(model, full[side])[start - 1 : len(full[side]) - 1].sum(0).numpy()
+                for side in ("chosen", "rejected")}
+        lengths = {side: len(full[side]) - start for side in ("chosen", "rejected")}
+        assert lengths["chosen"] > 200
+        expected, expected_ln = exact_ches(sums["chosen"], sums["rejected"], lengths["chosen"], lengths["rejected"])
+        row = frame.iloc[i]
+        assert row["ches"] == pytest.approx(expected, rel=1e-6, abs=1e-6)
+        assert row["ln_ches"] == pytest.approx(expected_ln, rel=1e-6, abs=1e-10)
+
+
 @pytest.mark.parametrize("arch, bos", ARCHS)
 def test_batched_padded_hidden_sums_equal_unbatched(arch, bos):
     tok = tiny_tokenizer(add_bos=bos)

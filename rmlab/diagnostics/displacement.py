@@ -76,17 +76,23 @@ def ches_from_sums(sum_chosen, sum_rejected, n_chosen, n_rejected) -> tuple[np.n
     Returns:
         ``(ches, ln_ches)`` as float64 arrays; NaN where a response has no token (the official code
         skips such pairs).
+
+    The sums are taken in float64 and each score is computed in its centred form,
+    ``CHES = <H(y_w), H(y_l) - H(y_w)>`` and
+    ``LN-CHES = <H(y_w), H(y_l) |y_w|/|y_l| - H(y_w)> / |y_w|^2`` (the same quantities): the two inner products of the definition are large and nearly equal when
+    the responses' hidden states share a large common component, and subtracting them would cancel
+    most of their digits.
     """
     w = np.asarray(sum_chosen, dtype=np.float64)
     lo = np.asarray(sum_rejected, dtype=np.float64)
     nw = np.asarray(n_chosen, dtype=np.float64)
     nl = np.asarray(n_rejected, dtype=np.float64)
-    inner = (w * lo).sum(axis=1)
-    square = (w * w).sum(axis=1)
     valid = (nw > 0) & (nl > 0)
     with np.errstate(invalid="ignore", divide="ignore"):
-        ches = np.where(valid, inner - square, np.nan)
-        ln_ches = np.where(valid, inner / (nw * nl) - square / nw**2, np.nan)
+        scores = (w * (lo - w)).sum(axis=1)
+        ln_scores = (w * (lo * (nw / nl)[:, None] - w)).sum(axis=1) / nw**2
+        ches = np.where(valid, scores, np.nan)
+        ln_ches = np.where(valid, ln_scores, np.nan)
     return ches, ln_ches
 
 

@@ -37,8 +37,8 @@ class HiddenSums:
     """Sums of the last hidden states that predict each sequence's scored tokens.
 
     Attributes:
-        sums: ``(N, d)`` float32 array; row ``k`` is ``sum_{t=start}^{len(ids)-1} h[t - 1]`` of
-            sequence ``k`` (zeros for a sequence with no scored token).
+        sums: ``(N, d)`` float64 array; row ``k`` is ``sum_{t=start}^{len(ids)-1} h[t - 1]`` of
+            sequence ``k``, accumulated in float64 (zeros for a sequence with no scored token).
         counts: ``(N,)`` number of hidden states in each sum (``len(ids) - start``).
         positions: with ``per_position=True``, one ``(counts[k], d)`` float32 array per sequence
             (row ``j`` predicts response token ``j``); otherwise None.
@@ -67,10 +67,14 @@ def _batch_hidden(head: LMHead, batch: Sequence[Scored], pad_id: int, device, pe
         counts.append(n)
     rows_t = torch.as_tensor(rows, dtype=torch.long, device=device)
     cols_t = torch.as_tensor(cols, dtype=torch.long, device=device)
-    picked = hidden[rows_t, cols_t].float()
-    sums = torch.zeros(len(batch), hidden.shape[-1], dtype=torch.float32, device=device)
-    sums.index_add_(0, rows_t, picked)
-    pieces = list(torch.split(picked, counts)) if per_position else None
+    picked = hidden[rows_t, cols_t]
+    # CHES is a difference of inner products of these sums, so they are accumulated in float64:
+    # float32 sums of long responses lose the digits that the difference keeps (MPS has no float64)
+    where = device if torch.device(device).type != "mps" else "cpu"
+    wide = picked.to(where, torch.float64)
+    sums = torch.zeros(len(batch), hidden.shape[-1], dtype=torch.float64, device=where)
+    sums.index_add_(0, rows_t.to(where), wide)
+    pieces = list(torch.split(picked.float(), counts)) if per_position else None
     return sums, counts, pieces
 
 
@@ -105,7 +109,9 @@ def response_hidden_states(
         desc: label of the progress bar.
 
     Returns:
-        :class:`HiddenSums`: float32 sums accumulated from float32 copies of the hidden states.
+        :class:`HiddenSums`: float64 sums of the hidden states (each taken exactly, as the model
+        computed it, and added in float64: CHES subtracts two inner products of these sums, which
+        float32 accumulation over long responses would leave with too few correct digits).
         Batched, padded results equal an unbatched, unpadded forward of each sequence to float
         tolerance (``tests/test_displacement.py`` checks GPT-2, Llama and GPT-NeoX).
     """
@@ -157,8 +163,8 @@ def response_hidden_states(
         finally:
             bar.close()
     width_d = next((s.shape[0] for s in sums if s is not None), 0)
-    stacked = np.stack(sums) if sums else np.zeros((0, width_d), dtype=np.float32)
-    return HiddenSums(sums=stacked.astype(np.float32, copy=False), counts=counts, positions=positions)
+    stacked = np.stack(sums) if sums else np.zeros((0, width_d), dtype=np.float64)
+    return HiddenSums(sums=stacked.astype(np.float64, copy=False), counts=counts, positions=positions)
 
 
 def next_token_logprobs(
