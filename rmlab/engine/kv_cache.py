@@ -48,11 +48,13 @@ def cache_kwarg(module) -> str:
 
 
 def output_cache(output):
-    """The KV cache a forward returned, read under the field name the output class defines."""
+    """The KV cache a forward returned, read under the field name its output class defines (None
+    when the class has none: a model whose recurrent state is not a transformers cache)."""
     fields = getattr(type(output), "__dataclass_fields__", {})
-    if "cache" in fields:
-        return output.cache
-    return output.past_key_values
+    for name in ("cache", "past_key_values", "cache_params"):
+        if name in fields:
+            return getattr(output, name)
+    return None
 
 
 def with_cache(module, cache, **inputs):

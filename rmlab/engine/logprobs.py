@@ -53,9 +53,7 @@ class LMHead:
 
     def __init__(self, model):
         self._model = weakref.ref(model)  # the cache is keyed by the model: never keep it alive
-        prefix = getattr(model, "base_model_prefix", "")
-        backbone = getattr(model, prefix, None) if prefix else None
-        self.backbone = backbone if isinstance(backbone, torch.nn.Module) and backbone is not model else None
+        self.backbone = _backbone(model)
         self.head = model.get_output_embeddings()
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.softcap = getattr(cfg, "final_logit_softcapping", None)
@@ -87,6 +85,17 @@ class LMHead:
     def hidden_states(self, input_ids, attention_mask) -> torch.Tensor:
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def _backbone(model):
+    """The transformer under a causal LM's head: its ``base_model_prefix`` attribute, else the usual
+    names (some classes declare a prefix they do not use, e.g. Llama 4's text model)."""
+    names = [getattr(model, "base_model_prefix", ""), "model", "transformer"]
+    for name in names:
+        module = getattr(model, name, None) if name else None
+        if isinstance(module, torch.nn.Module) and module is not model:
+            return module
+    return None
 
 
 _HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -149,7 +158,7 @@ def _targets(batch: Sequence[Scored], device) -> tuple[torch.Tensor, torch.Tenso
     return as_long(rows), as_long(cols), as_long(labels), counts
 
 
-def _reference_logprobs(model, seq: Scored) -> torch.Tensor:
+def own_forward_logprobs(model, seq: Scored) -> torch.Tensor:
     """The model's own forward pass and a plain log-softmax: the independent check of the fused path."""
     device = next(model.parameters()).device
     ids = torch.as_tensor([list(seq.ids)], dtype=torch.long, device=device)
@@ -181,7 +190,7 @@ def verify_head(head: LMHead, seq: Scored, pad_id: int, device) -> None:
     head.model.eval()  # dropout would make the two passes differ
     try:
         fused = _batch_logprobs(head, [seq], pad_id, device)[0]
-        full = _reference_logprobs(head.model, seq)
+        full = own_forward_logprobs(head.model, seq)
     finally:
         head.model.train(was_training)
     dtype = next(head.model.parameters()).dtype
@@ -258,7 +267,7 @@ def sharing_is_exact(head: LMHead, regime: int, pad_id: int, device) -> bool:
     model.eval()
     try:
         shared = [v for group in _shared_batch_logprobs(head, groups, pad_id, device) for v in group]
-        alone = [_reference_logprobs(model, s) for group in groups for s in group]
+        alone = [own_forward_logprobs(model, s) for group in groups for s in group]
     except Exception as err:  # an architecture whose cache cannot be resumed this way
         warn_once(
             model, ("share", regime),

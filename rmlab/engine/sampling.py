@@ -53,8 +53,8 @@ from tqdm.auto import tqdm
 
 from rmlab.cache import ChunkCache, resolve_cache_dir, tokenizer_digest, weights_digest
 from rmlab.engine.batching import length_batches
-from rmlab.engine.kv_cache import cache_kwarg, output_cache
-from rmlab.engine.logprobs import Scored, token_logprobs
+from rmlab.engine.kv_cache import cache_kwarg, output_cache, probe_sequences, warn_once, window_regime
+from rmlab.engine.logprobs import Scored, own_forward_logprobs, token_logprobs
 from rmlab.errors import ArgumentError, DataError, ModelError, check_choice, closest
 from rmlab.io.models import (
     check_vocab_covers,
@@ -352,10 +352,13 @@ def decode_batch(
     stop_ids: Sequence[int],
     pad_id: int,
     on_finished: Callable[[int], None] | None = None,
+    padded: bool = True,
 ) -> tuple[list[list[int]], list[bool], list[np.ndarray]]:
     """Sample one completion per prompt in ``prompt_ids`` (rows), together, with a KV cache.
 
-    Prompts are left-padded (positions count real tokens only); ``uniforms[r, t]`` picks token ``t``
+    Prompts are left-padded (positions count real tokens only); with ``padded=False`` every prompt
+    must have one length and the model gets no attention mask or positions, only ids and its
+    cache (for models whose mask means something else, see :func:`decoding_mode`). ``uniforms[r, t]`` picks token ``t``
     of row ``r`` (see :func:`pick_tokens`). A row stops at its first stop token (kept as the last
     token) or after ``uniforms.shape[1]`` tokens; finished rows leave the cache as the batch goes
     on. Returns per row the generated ids, whether a stop token ended them, and the sampler's
@@ -379,8 +382,13 @@ def decode_batch(
     done = torch.zeros(rows, dtype=torch.bool, device=device)
     live = torch.arange(rows, device=device)  # original row of each cache row
     alive = torch.ones(rows, dtype=torch.bool, device=device)  # cache rows still decoding
-    result = _forward(model, input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+    if not padded and len({len(p) for p in prompt_ids}) > 1:
+        raise ValueError("padded=False needs prompts of one length")
+    inputs = dict(attention_mask=mask, position_ids=pos) if padded else {}
+    result = _forward(model, input_ids=ids, use_cache=True, **inputs)
     cache, logits = output_cache(result), result.logits[:, -1]
+    if cache is None:
+        raise ModelError(f"{type(model).__name__} returns no KV cache to continue decoding from.")
     compactable = hasattr(cache, "batch_select_indices")
     for t in range(steps):
         tokens, lp = pick_tokens(logits, u_all[live, t], temperature, top_p)
@@ -402,10 +410,8 @@ def decode_batch(
             mask, pos, live, tokens, alive = mask[keep], pos[keep], live[keep], tokens[keep], alive[keep]
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         pos = pos[:, -1:] + 1
-        result = _forward(
-            model, input_ids=tokens[:, None], attention_mask=mask, position_ids=pos,
-            use_cache=True, **{cache_kwarg(model): cache},
-        )
+        inputs = dict(attention_mask=mask, position_ids=pos) if padded else {}
+        result = _forward(model, input_ids=tokens[:, None], use_cache=True, **inputs, **{cache_kwarg(model): cache})
         cache, logits = output_cache(result), result.logits[:, -1]
     if on_finished is not None and int((~done).sum()):
         on_finished(int((~done).sum()))
@@ -418,6 +424,67 @@ def decode_batch(
 
 
 _CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_DECODING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _decoding_error(model, prompts, pad_id: int, steps: int, padded: bool) -> float:
+    """Largest difference between :func:`decode_batch`'s step log-probs and the model's own forward."""
+    uniforms = np.random.default_rng(0).random((len(prompts), steps))
+    with torch.inference_mode():
+        tokens, _, step_lp = decode_batch(
+            model, prompts, uniforms, temperature=1.0, top_p=1.0, stop_ids=[], pad_id=pad_id, padded=padded
+        )
+        alone = [
+            own_forward_logprobs(model, Scored(tuple(p) + tuple(t), len(p))).cpu().numpy()
+            for p, t in zip(prompts, tokens)
+        ]
+    return max(float(np.abs(a - b).max()) for a, b in zip(step_lp, alone))
+
+
+def decoding_mode(model, pad_id: int, length: int = 0) -> str:
+    """How :func:`decode_batch` decodes ``model`` exactly, for sequences of up to ``length`` tokens:
+    ``"padded"`` (left-padded prompts of any lengths together) or ``"unpadded"`` (prompts of one
+    length together, no attention mask: for models such as Mamba whose mask is not a padding mask
+    over the whole sequence).
+
+    Checked once per model and attention-window regime (:func:`rmlab.engine.kv_cache.window_regime`)
+    before any sampling: prompts decode past the regime's attention windows and every step's
+    log-prob is compared with the model's own forward of that prompt and those tokens alone. The
+    unpadded mode is used, with a one-line warning, only when the padded one differs. Raises
+    :class:`ModelError` for a model whose forward returns no KV cache to continue from (e.g. RWKV,
+    RecurrentGemma) or that neither mode decodes exactly.
+    """
+    regime = window_regime(model, length)
+    known = _DECODING.setdefault(model, {})
+    if regime in known:
+        return known[regime]
+    name = f"{type(model).__name__} ({getattr(model.config, 'model_type', '?')})"
+    advice = "Sample with the model's own generate() and score the completions with rmlab.completion_logprobs."
+    probe = torch.ones((1, 2), dtype=torch.long, device=model_device(model))
+    with torch.inference_mode():
+        out = model(input_ids=probe, use_cache=True)
+    if output_cache(out) is None:
+        raise ModelError(f"{name} returns no KV cache to continue decoding from, so rmlab's sampler cannot run it. {advice}")
+    prompts, groups = probe_sequences(model, regime, pad_id)
+    steps = max(3, len(groups[0][0]))
+    tol = 1e-3 if next(model.parameters()).dtype == torch.float32 else 0.1
+    padded = _decoding_error(model, [prompts[0], prompts[1][:2]], pad_id, steps, padded=True)
+    mode = "padded"
+    if not padded <= tol:
+        unpadded = _decoding_error(model, [prompts[0], prompts[0][::-1]], pad_id, steps, padded=False)
+        if not unpadded <= tol:
+            raise ModelError(
+                f"rmlab's sampler cannot decode {name} exactly: its step-by-step log-probs differ from its "
+                f"own forward by {min(padded, unpadded):.2g}. {advice}"
+            )
+        mode = "unpadded"
+        warn_once(
+            model, ("decoding", regime),
+            f"{name}: decoding left-padded prompts changes its log-probs by {padded:.2g}; only prompts of "
+            "equal length decode together, without padding (exact, slower).",
+        )
+    known[regime] = mode
+    return mode
 
 
 def _check_sampler(model, sampler_lp: list[np.ndarray], engine_lp: list[np.ndarray]) -> None:
@@ -753,7 +820,20 @@ def sample(
     total_rows = len(prompt_ids) * n
     default_tokens, default_rows = default_batch(model)
     lengths = [len(prompt_ids[r // n]) + max_new_tokens for r in range(total_rows)]
-    plan = length_batches(lengths, batch_tokens or default_tokens, max_items=batch_size or default_rows)
+    budget, rows_cap = batch_tokens or default_tokens, batch_size or default_rows
+    mode = decoding_mode(model, pad_id, max(lengths, default=0)) if backend == "hf" else "padded"
+    if mode == "unpadded":
+        by_length: dict[int, list[int]] = {}
+        for r, length in enumerate(lengths):
+            by_length.setdefault(length, []).append(r)
+        plan = [
+            [rows[i] for i in batch]
+            for length in sorted(by_length, reverse=True)
+            for rows in [by_length[length]]
+            for batch in length_batches([length] * len(rows), budget, max_items=rows_cap)
+        ]
+    else:
+        plan = length_batches(lengths, budget, max_items=rows_cap)
     todo = total_rows - len(done)
     bar = tqdm(total=todo, desc="sampling", unit="sample", disable=not progress or todo == 0, leave=False)
     autocast = _autocast(model, dtype)
@@ -780,7 +860,7 @@ def sample(
                     tokens, finished, sampler_lp = decode_batch(
                         model, [prompt_ids[i] for i in p_index], row_uniforms(keys, max_new_tokens),
                         temperature=temperature, top_p=top_p, stop_ids=stops, pad_id=pad_id,
-                        on_finished=bar.update,
+                        on_finished=bar.update, padded=mode == "padded",
                     )
             if logprobs:
                 values = engine_logprobs(
