@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
+import re
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
+import rmlab
 from rmlab.io.pairs import load_pairs, read_table
 from rmlab.io.tokenize import encode_pairs
 from rmlab.toy import tiny_causal_lm, tiny_tokenizer
@@ -392,6 +397,34 @@ def test_eos_is_appended_once():
 # --------------------------------------------------------------------------------------------------
 # truncation
 # --------------------------------------------------------------------------------------------------
+def test_default_truncation_mode_is_the_one_trl_uses():
+    """What the README and the docstrings call TRL's default is DPOConfig's default, and every
+    public function that truncates starts from it."""
+    trl = need("trl")
+    field = {f.name: f for f in dataclasses.fields(trl.DPOConfig)}["truncation_mode"]
+    trl_default = field.default
+    assert trl_default in field.metadata["choices"]
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    stated = re.findall(r"`(\w+)`, TRL's default", readme)
+    assert stated == [trl_default], "the README names TRL's default truncation mode once, correctly"
+    documented = re.compile(r'``"(\w+)"`` \(TRL\'s default\)')
+    functions = [encode_pairs] + [getattr(rmlab, name) for name in rmlab.__all__]
+    checked = named = 0
+    for fn in functions:
+        try:
+            parameter = inspect.signature(fn).parameters.get("truncation_mode")
+        except (TypeError, ValueError):
+            continue
+        if parameter is None:
+            continue
+        checked += 1
+        assert parameter.default == trl_default, fn.__name__
+        modes = documented.findall(fn.__doc__ or "")
+        assert all(mode == trl_default for mode in modes), fn.__name__
+        named += bool(modes)
+    assert checked >= 10 and named >= 2
+
+
 LONG_PROMPT = {
     "prompt": "Review: " + "the plot was slow and " * 6,
     "chosen": " great",
