@@ -25,9 +25,12 @@ How it works:
   itself gives identical samples.
 - **Log-probs from the engine.** ``logp`` is recomputed after sampling by rmlab's engine
   (:func:`rmlab.engine.logprobs.token_logprobs`, one batched pass), so it is exactly the number
-  :func:`rmlab.implicit_rewards` / :func:`rmlab.token_rewards` compute for the same token ids. The
-  sampler's own step-by-step log-probs are checked against it on the first batch of each model
-  (a warning if an architecture's incremental decoding disagreed with its full forward).
+  :func:`rmlab.implicit_rewards` / :func:`rmlab.token_rewards` compute for the same token ids.
+  Before sampling, :func:`decoding_mode` checks once per model that decoding left-padded prompts
+  past the model's attention windows follows its own forward (models such as Mamba, whose mask is
+  not a padding mask, decode prompts of one length together instead; models with no KV cache get a
+  :class:`ModelError`), and the sampler's step-by-step log-probs are compared with the engine's on
+  the first batch (a warning if they disagree).
 - **Resumable.** With ``cache_dir`` each finished batch is written as a parquet file keyed by a
   fingerprint of the model weights, the tokenizer, the prompts and the settings; calling again
   with the same arguments skips what is done. Without ``cache_dir`` an interrupt
