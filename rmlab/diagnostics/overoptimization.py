@@ -665,7 +665,11 @@ def best_of_n(
     Returns:
         One row per ``n`` (per proxy and ``n`` when several): ``proxy_name`` (only when several),
         ``n``, ``kl``, ``proxy``, ``gold``, ``proxy_se``, ``gold_se``, then ``values`` and their
-        ``*_se``. ``frame.attrs``: ``kl_note``, ``estimator``, ``prompts``, ``pool_min``, ``pool_max``,
+        ``*_se``, then ``proxy_by_prompt``, ``gold_by_prompt`` and ``<value>_by_prompt``: per row, the
+        float64 array of the per-prompt expectations (prompts in sorted order, the same order in every
+        row) whose mean is the row's value. Prompts are the sampling unit of the curve, and
+        :func:`rmlab.fit_overoptimization` resamples them through these columns.
+        ``frame.attrs``: ``kl_note``, ``estimator``, ``prompts``, ``pool_min``, ``pool_max``,
         ``proxy_name`` (single proxy), ``gold_name``, ``notes``.
 
     Raises:
@@ -755,6 +759,9 @@ def best_of_n(
             for k, column in enumerate(values):
                 row[column] = float(mean[2 + k])
                 row[f"{column}_se"] = float(se[2 + k])
+            # the per-prompt expectations the means average: the sampling unit, for prompt bootstraps
+            for k, column in enumerate(["proxy", "gold", *values]):
+                row[f"{column}_by_prompt"] = per_prompt[j][:, k].copy()
             rows.append(row)
     out = pd.DataFrame(rows)
     if len(proxies) == 1:

@@ -6,6 +6,13 @@ Follows Gao et al. 2022, "Scaling Laws for Reward Model Overoptimization" (arXiv
 :func:`fit_overoptimization` solves least squares without intercept (numpy, no scipy), draws
 bootstrap percentile intervals and reports the peak of the fitted curve. The curves come from
 :func:`rmlab.best_of_n` or :func:`rmlab.checkpoint_curve`.
+
+The bootstrap resamples the sampling unit. A best-of-n curve is one pool of samples per prompt
+turned into a point per ``n``: its points are deterministic, correlated functions of the same
+pool, so resampling *them* measures how far the points lie from the form (lack of fit), not how
+much the curve would move with other prompts and samples. With the per-prompt expectations that
+:func:`rmlab.best_of_n` returns (``<y>_by_prompt``), prompts are drawn with replacement, the curve
+is recomputed from each resampled pool and refitted.
 """
 
 from __future__ import annotations
@@ -19,6 +26,9 @@ import pandas as pd
 from rmlab.errors import ArgumentError, DataError, closest
 
 FORMS = ("bon", "rl")
+RESAMPLE = ("auto", "prompts", "points")
+#: Entries of the (points x draws x prompts) index block of one chunk of prompt-bootstrap draws.
+_CHUNK = 4_000_000
 
 
 def _features(form: str, d: np.ndarray) -> np.ndarray:
@@ -73,7 +83,9 @@ class OveroptimizationFit:
 
     ``fit(kl)`` / ``fit.predict(kl)`` evaluate the fitted reward (in the frame's units, offset added
     back) at any KL; ``fit.band(kl)`` gives the pointwise bootstrap interval; ``fit.to_frame()`` one
-    row per parameter with its interval.
+    row per parameter with its interval. ``resampled`` says what the bootstrap drew: ``"prompts"``
+    (``prompts`` of them, the curve recomputed per draw) or ``"points"``; ``boot_offset`` holds
+    each draw's offset (it moves with the prompts when it is the curve's own ``KL = 0`` value).
     """
 
     form: str
@@ -98,6 +110,9 @@ class OveroptimizationFit:
     boot_beta: np.ndarray = field(repr=False)
     name: str | None = None
     notes: list = field(default_factory=list)
+    resampled: str = "points"
+    prompts: int | None = None
+    boot_offset: np.ndarray | None = field(default=None, repr=False)
 
     def predict(self, kl) -> np.ndarray:
         """Fitted reward at ``kl`` (scalar or array), offset included: ``offset + R(sqrt(kl))``."""
@@ -114,8 +129,9 @@ class OveroptimizationFit:
             nan = np.full(d.shape, np.nan)
             return nan, nan.copy()
         curves = _curve(self.form, self.boot_alpha[:, None], self.boot_beta[:, None], d[None, :])
-        lo, hi = np.quantile(curves, [(1 - level) / 2, (1 + level) / 2], axis=0)
-        return self.offset + lo, self.offset + hi
+        offsets = np.full(len(curves), self.offset) if self.boot_offset is None else self.boot_offset
+        lo, hi = np.quantile(curves + offsets[:, None], [(1 - level) / 2, (1 + level) / 2], axis=0)
+        return lo, hi
 
     def to_frame(self) -> pd.DataFrame:
         """One row per quantity: ``parameter``, ``estimate``, ``lower``, ``upper`` (bootstrap interval)."""
@@ -131,7 +147,8 @@ class OveroptimizationFit:
         frame = pd.DataFrame(
             [{"parameter": p, "estimate": float(e), "lower": ci[0], "upper": ci[1]} for p, e, ci in rows]
         )
-        frame.attrs.update(form=self.form, level=self.level, bootstrap=self.bootstrap, notes=list(self.notes))
+        frame.attrs.update(form=self.form, level=self.level, bootstrap=self.bootstrap, resampled=self.resampled,
+                           prompts=self.prompts, notes=list(self.notes))
         return frame
 
     def __repr__(self) -> str:
@@ -145,7 +162,8 @@ class OveroptimizationFit:
             f"  beta      = {self.beta:.4g}  {int(self.level * 100)}% CI {ci(self.beta_ci)}",
             f"  peak_kl   = {self.peak_kl:.4g}  CI {ci(self.peak_kl_ci)}",
             f"  peak_{self.y} = {self.peak_gold:.4g}  CI {ci(self.peak_gold_ci)}",
-            f"  r2 = {self.r2:.4f}, offset = {self.offset:.4g}, points = {self.n_points}, bootstrap = {self.bootstrap}",
+            f"  r2 = {self.r2:.4f}, offset = {self.offset:.4g}, points = {self.n_points}, bootstrap = {self.bootstrap}"
+            + (f" resamples of {self.prompts} prompts" if self.resampled == "prompts" else " resamples of the points"),
         ]
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
@@ -165,6 +183,33 @@ def _column(frame: pd.DataFrame, name: str, role: str) -> np.ndarray:
     return values
 
 
+def _by_prompt(frame: pd.DataFrame, column: str, y: str, values: np.ndarray) -> np.ndarray:
+    """The ``(points, prompts)`` matrix of per-prompt values in ``column``, checked to average to ``y``."""
+    hint = (f"Column {column!r} must hold, per row, the array of per-prompt values whose mean is {y!r} "
+            "(as rmlab.best_of_n returns it)")
+    try:
+        rows = [np.asarray(cell, dtype=np.float64).reshape(-1) for cell in frame[column].tolist()]
+    except (TypeError, ValueError):
+        raise DataError(f"{hint}; it holds {frame[column].dtype} values that are not arrays of numbers "
+                        "(a CSV round trip turns them into text: save curves as parquet).") from None
+    lengths = sorted({len(r) for r in rows})
+    if len(lengths) != 1 or lengths[0] == 0:
+        raise DataError(f"{hint}; its rows hold {lengths} prompts: the points come from different pools. "
+                        "Fit one curve (one pool, one proxy) at a time.")
+    matrix = np.stack(rows)
+    if not np.isfinite(matrix).all():
+        raise DataError(f"{hint}; it has NaN or inf values.")
+    means = matrix.mean(axis=1)
+    bad = np.flatnonzero(~np.isclose(means, values, rtol=1e-9, atol=1e-12))
+    if len(bad):
+        k = int(bad[0])
+        raise DataError(
+            f"{hint}; at row {k} they average to {means[k]:.6g}, not {y} = {values[k]:.6g}, so they belong to "
+            "another curve. Drop the column, or pass resample='points', to resample the points instead."
+        )
+    return matrix
+
+
 def fit_overoptimization(
     frame: pd.DataFrame,
     form: str = "bon",
@@ -177,6 +222,7 @@ def fit_overoptimization(
     bootstrap: int = 1000,
     level: float = 0.95,
     seed: int = 0,
+    resample: str = "auto",
 ) -> OveroptimizationFit:
     """Fit Gao et al.'s overoptimization law to a curve of gold reward against KL.
 
@@ -197,10 +243,23 @@ def fit_overoptimization(
     starting policy's mean gold measured elsewhere) when the frame has no ``KL = 0`` row, or
     ``relative=False`` to fit ``y`` as is (forcing the curve through 0 at ``KL = 0``).
 
-    Intervals: ``bootstrap`` resamples of the fitted points with replacement (pairs bootstrap; the
-    frame has one point per ``n`` or checkpoint), each refitted; ``*_ci`` are percentile intervals at
-    ``level``. Resamples with fewer than 2 distinct ``d`` cannot be fitted and are dropped (counted in
-    the notes). ``peak_gold_ci`` is over the resamples that have a peak.
+    Intervals resample the sampling unit, the prompts (``resample="prompts"``, the default when the
+    frame has a ``<y>_by_prompt`` column, as :func:`rmlab.best_of_n` frames do). A best-of-n curve
+    is computed from one pool of samples per prompt, so its points are deterministic, correlated
+    functions of that pool: resampling the points would measure the form's lack of fit, not the
+    uncertainty of the curve. Each of the ``bootstrap`` draws takes the curve's prompts with
+    replacement (``numpy.random.default_rng(seed).integers(0, prompts, (draws, prompts))``, in
+    chunks of draws), recomputes every point from the resampled pool (the mean of the drawn
+    prompts' unbiased best-of-n expectations, which is what :func:`rmlab.best_of_n` returns for the
+    resampled pool), recomputes the default offset the same way, and refits. ``*_ci`` are
+    percentile intervals at ``level``; ``peak_gold_ci`` is over the draws that have a peak. The KL
+    of a best-of-n point is analytic and does not move.
+
+    Without per-prompt values (a curve typed in, or one saved without its ``*_by_prompt`` columns)
+    or with ``resample="points"``, the points are resampled with replacement (pairs bootstrap),
+    which treats them as independent measurements (as for separately sampled checkpoints), and a
+    note says so; resamples with fewer than 2 distinct ``d`` cannot be fitted and are dropped
+    (counted in the notes).
 
     ``r2`` is ``1 - SS_res / SS_tot`` on the fitted points, ``SS_tot`` about their (weighted) mean,
     so it compares the form with a flat line (it can be negative).
@@ -216,17 +275,21 @@ def fit_overoptimization(
         bootstrap: number of resamples (0: no intervals).
         level: interval coverage (default 0.95).
         seed: seeds the bootstrap.
+        resample: ``"auto"`` (prompts when the frame has ``<y>_by_prompt``, else points),
+            ``"prompts"`` or ``"points"``.
 
     Returns:
         An :class:`OveroptimizationFit` with ``alpha``, ``beta``, ``alpha_ci``, ``beta_ci``,
         ``peak_kl``, ``peak_kl_ci``, ``peak_gold``, ``peak_gold_ci``, ``r2``, ``offset``, ``form``,
         ``points`` (the fitted points with ``fitted``), ``predict(kl)`` / ``fit(kl)``, ``band(kl)``,
-        ``to_frame()``.
+        ``to_frame()``, ``resampled`` (``"prompts"`` or ``"points"``) and ``prompts``.
 
     Raises:
-        ArgumentError: unknown form (closest name), bad bootstrap / level / weights.
+        ArgumentError: unknown form or resample (closest name), bad bootstrap / level / weights.
         DataError: missing or non-numeric columns, NaN, negative KL, several proxies in one frame,
-            no ``KL = 0`` point for the default offset, fewer than 2 points with ``KL > 0``.
+            no ``KL = 0`` point for the default offset, fewer than 2 points with ``KL > 0``,
+            per-prompt values that are missing (``resample="prompts"``), unequal in length or do not
+            average to ``y``.
 
     Example:
         >>> import numpy as np, pandas as pd
@@ -247,6 +310,11 @@ def fit_overoptimization(
         raise ArgumentError(f"bootstrap={bootstrap!r} must be an integer >= 0 (the number of resamples).")
     if not isinstance(level, (int, float)) or not 0 < level < 1:
         raise ArgumentError(f"level={level!r} must be between 0 and 1 (e.g. 0.95).")
+    if not isinstance(resample, str) or resample not in RESAMPLE:
+        raise ArgumentError(
+            f"resample={resample!r} must be one of {list(RESAMPLE)}: 'prompts' draws the curve's prompts (the "
+            "sampling unit of a best-of-n curve), 'points' its points." + closest(str(resample), RESAMPLE)
+        )
     if "proxy_name" in frame.columns and frame["proxy_name"].nunique() > 1:
         names = list(frame["proxy_name"].unique())
         raise DataError(
@@ -255,6 +323,16 @@ def fit_overoptimization(
         )
     kl = _column(frame, x, "x")
     reward = _column(frame, y, "y")
+    by_column = f"{y}_by_prompt"
+    if resample == "auto":
+        resample = "prompts" if by_column in frame.columns else "points"
+    if resample == "prompts" and by_column not in frame.columns:
+        raise DataError(
+            f"resample='prompts' needs the per-prompt values of {y!r} in a column {by_column!r}, as "
+            "rmlab.best_of_n returns them; this frame has none (columns: "
+            f"{list(frame.columns)}). Pass resample='points' to resample the points."
+        )
+    by_prompt = _by_prompt(frame, by_column, y, reward) if resample == "prompts" else None
     negative = np.flatnonzero(kl < 0)
     if len(negative):
         raise DataError(
@@ -274,6 +352,7 @@ def fit_overoptimization(
 
     notes: list[str] = []
     keep = np.ones(len(frame), dtype=bool)
+    zero_rows = None  # the rows whose mean is the offset, when it is taken from the curve
     if not relative:
         if offset is not None:
             raise ArgumentError("offset= is only used with relative=True; drop one of them.")
@@ -291,6 +370,7 @@ def fit_overoptimization(
             )
         base = float(reward[zero].mean())
         keep = ~zero
+        zero_rows = zero
         notes.append(f"offset {base:.4g} = mean {y} at {x} = 0 ({int(zero.sum())} row(s)), left out of the fit")
     d_all = np.sqrt(kl)
     d, target, w = d_all[keep], reward[keep] - base, w[keep]
@@ -310,10 +390,32 @@ def fit_overoptimization(
     ss_tot = float((w * (target - centre) ** 2).sum())
     r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else float("nan")
 
-    # bootstrap over points: a (B, m) index matrix, 2x2 normal equations solved at once
     boot_a = np.empty(0)
     boot_b = np.empty(0)
-    if bootstrap:
+    boot_off = np.empty(0)
+    prompts = None if by_prompt is None else int(by_prompt.shape[1])
+    if bootstrap and by_prompt is not None and prompts < 2:
+        notes.append("one prompt only: the prompts cannot be resampled, so there are no intervals")
+    elif bootstrap and by_prompt is not None:
+        # bootstrap over prompts: each draw recomputes the curve (and the offset) from the resampled pool
+        rng = np.random.default_rng(seed)
+        inside = by_prompt[keep]
+        at_zero = by_prompt[zero_rows] if zero_rows is not None else None
+        design = features * sw[:, None]
+        rows_used = len(inside) + (0 if at_zero is None else len(at_zero))
+        per_chunk = max(1, _CHUNK // (prompts * rows_used))
+        parts_a, parts_b, parts_off = [], [], []
+        for start in range(0, int(bootstrap), per_chunk):
+            idx = rng.integers(0, prompts, size=(min(per_chunk, int(bootstrap) - start), prompts))
+            curves = inside[:, idx].mean(axis=-1)  # (points, draws)
+            offsets = at_zero[:, idx].mean(axis=-1).mean(axis=0) if at_zero is not None else np.full(len(idx), base)
+            sol, *_ = np.linalg.lstsq(design, (curves - offsets[None, :]) * sw[:, None], rcond=None)
+            parts_a.append(sol[0])
+            parts_b.append(-sol[1])
+            parts_off.append(offsets)
+        boot_a, boot_b, boot_off = np.concatenate(parts_a), np.concatenate(parts_b), np.concatenate(parts_off)
+    elif bootstrap:
+        # bootstrap over points: a (B, m) index matrix, 2x2 normal equations solved at once
         rng = np.random.default_rng(seed)
         m = len(d)
         idx = rng.integers(0, m, size=(int(bootstrap), m))
@@ -327,6 +429,13 @@ def fit_overoptimization(
         ok = distinct & (np.abs(det) > 1e-12 * np.where(scale > 0, scale, 1.0))
         sol = np.linalg.solve(xtx[ok], xty[ok][..., None])[..., 0]
         boot_a, boot_b = sol[:, 0], -sol[:, 1]
+        boot_off = np.full(len(boot_a), base)
+        why = "resample='points'" if by_column in frame.columns else f"no per-prompt {by_column!r} to resample prompts with"
+        notes.append(
+            f"intervals: bootstrap resamples of the {m} points, as if they were independent measurements ({why}); "
+            "the points of a best-of-n curve come from one pool, and for them such intervals measure lack of fit "
+            "rather than uncertainty"
+        )
         dropped = int((~ok).sum())
         if dropped:
             notes.append(f"{dropped} of {bootstrap} bootstrap resamples had < 2 distinct points and were dropped")
@@ -341,7 +450,7 @@ def fit_overoptimization(
             notes.append(f"{nopeak:.1%} of bootstrap fits have no peak (beta <= 0)")
         alpha_ci, beta_ci = _interval(boot_a, level), _interval(boot_b, level)
         peak_kl_ci = _interval(bd**2, level)
-        peak_gold_ci = tuple(v + base for v in _interval(bg[np.isfinite(bg)], level))
+        peak_gold_ci = _interval((bg + boot_off)[np.isfinite(bg)], level)
     else:
         alpha_ci = beta_ci = peak_kl_ci = peak_gold_ci = (float("nan"), float("nan"))
     points = pd.DataFrame({x: kl[keep], "d": d, y: reward[keep], "relative": target, "weight": w, "fitted": fitted + base})
@@ -355,4 +464,5 @@ def fit_overoptimization(
         peak_kl=peak_d**2, peak_kl_ci=peak_kl_ci, peak_gold=peak_gain + base, peak_gold_ci=peak_gold_ci,
         r2=r2, offset=base, relative=bool(relative), x=x, y=y, n_points=int(len(d)), level=float(level),
         bootstrap=int(len(boot_a)), points=points, boot_alpha=boot_a, boot_beta=boot_b, name=name, notes=notes,
+        resampled=resample, prompts=prompts, boot_offset=boot_off,
     )

@@ -26,7 +26,9 @@ class OveroptimizationExplorer(Explorer):
         curves: a :func:`rmlab.best_of_n` / :func:`rmlab.checkpoint_curve` frame (with ``proxy_name``
             when it holds several proxies or ensembles), or ``{name: frame}``.
         form: the law to fit, ``"bon"`` or ``"rl"``.
-        bootstrap: bootstrap resamples of each fit (its band).
+        bootstrap: bootstrap draws of each fit (its band): draws of the prompts for
+            :func:`rmlab.best_of_n` frames, which carry their per-prompt values, of the points otherwise
+            (see :func:`rmlab.fit_overoptimization`).
         selection: accepted for a :class:`~rmlab.widgets.Dashboard`; this view has no pairs.
 
     Controls: which proxy (or all), the x-axis (``sqrt(KL)`` or ``KL``), and the fit on or off. Fits
