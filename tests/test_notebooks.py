@@ -1,5 +1,6 @@
-"""Every notebook runs top to bottom on the shipped toy world (as a reader would run it), and its
-nbconvert HTML export keeps every figure without loading anything from the network."""
+"""Every notebook runs top to bottom on the shipped toy world (as a reader would run it) without
+writing to stderr, and its nbconvert HTML export keeps every figure without loading anything from
+the network."""
 
 from __future__ import annotations
 
@@ -32,6 +33,9 @@ def test_notebook_runs_and_exports(path, tmp_path):
     outputs = [(k, o) for k, c in enumerate(notebook.cells) if c.cell_type == "code" for o in c.get("outputs", [])]
     errors = [o for _, o in outputs if o.output_type == "error"]
     assert not errors
+    # a reader sees stderr in red: warnings from rmlab, transformers or the widget protocol
+    stderr = [(k, _text(o.get("text", ""))[:300]) for k, o in outputs if o.output_type == "stream" and o.name == "stderr"]
+    assert not stderr, f"cells write to stderr: {stderr}"
 
     # Our outputs: every plotly figure carries an HTML fallback (what an export or a kernel-less
     # viewer shows), and no output pulls a script from a CDN. nbconvert's template loads its own

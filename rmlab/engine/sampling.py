@@ -463,9 +463,9 @@ def decoding_mode(model, pad_id: int, length: int = 0) -> str:
         return known[regime]
     name = f"{type(model).__name__} ({getattr(model.config, 'model_type', '?')})"
     advice = "Sample with the model's own generate() and score the completions with rmlab.completion_logprobs."
-    probe = torch.ones((1, 2), dtype=torch.long, device=model_device(model))
+    probe = torch.full((1, 2), (pad_id + 1) % model.get_input_embeddings().weight.shape[0], device=model_device(model))
     with torch.inference_mode():
-        out = model(input_ids=probe, use_cache=True)
+        out = model(input_ids=probe, attention_mask=torch.ones_like(probe), use_cache=True)
     if output_cache(out) is None:
         raise ModelError(f"{name} returns no KV cache to continue decoding from, so rmlab's sampler cannot run it. {advice}")
     prompts, groups = probe_sequences(model, regime, pad_id)

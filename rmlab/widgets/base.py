@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import functools
 import html
+import math
 
 import ipywidgets as widgets
+import numpy as np
 import plotly.graph_objects as go
 import traitlets
 
@@ -39,8 +41,35 @@ def replace_figure(target: go.FigureWidget, source: go.Figure) -> None:
     travel to the browser. Click handlers belong to traces, so re-attach them afterwards.
     """
     target.data = []
-    target.add_traces(list(source.data))  # copied into the widget; numpy arrays stay arrays
+    target.add_traces([_json_safe(trace.to_plotly_json()) for trace in source.data])
     target.layout = source.layout
+
+
+def _json_safe(value):
+    """``value`` with every NaN / infinite float replaced by None (a gap, as plotly draws null).
+
+    Widget state travels as strict JSON, which has no NaN: a heatmap padded with NaN would fail to
+    serialise in the browser ("Out of range float values are not JSON compliant").
+    """
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, (list, tuple, np.ndarray)):
+        try:
+            arr = np.asarray(value)
+        except ValueError:  # ragged
+            arr = None
+        if arr is not None and arr.dtype.kind == "f":
+            if np.isfinite(arr).all():
+                return value
+            out = arr.astype(object)
+            out[~np.isfinite(arr)] = None
+            return out.tolist()
+        if arr is not None and arr.dtype.kind in "iub":
+            return value
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def pair_of_point(trace, index: int) -> int | None:
