@@ -20,7 +20,7 @@ import torch
 import rmlab
 from rmlab.engine.kv_cache import attention_windows
 from rmlab.engine.logprobs import lm_head_for
-from rmlab.engine.sampling import decode_batch, decoding_mode, row_keys, row_uniforms
+from rmlab.engine.decoding import decode_batch, decoding_mode, row_keys, row_uniforms
 from rmlab.errors import ModelError
 from rmlab.toy import tiny_causal_lm, tiny_reward_model, tiny_tokenizer
 from tests.conftest import hand_tokenise, make_pairs, response_logprobs
