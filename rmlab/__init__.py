@@ -19,6 +19,7 @@ from rmlab.errors import (
     TokenizerError,
 )
 from rmlab import plots
+from rmlab.options import Options
 from rmlab.diagnostics import (
     DisplacementRun,
     OveroptimizationFit,
@@ -58,6 +59,7 @@ __all__ = [
     "DataWarning",
     "DisplacementRun",
     "ModelError",
+    "Options",
     "OveroptimizationFit",
     "RewardEnsemble",
     "RewardModelReport",
