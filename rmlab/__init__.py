@@ -18,7 +18,7 @@ from rmlab.errors import (
     RmlabWarning,
     TokenizerError,
 )
-from rmlab import plots
+from rmlab import plots, toy
 from rmlab.options import Options
 from rmlab.diagnostics import (
     DisplacementRun,
@@ -42,7 +42,6 @@ from rmlab.diagnostics import (
     reward_model_report,
 )
 from rmlab.engine.sampling import SamplingInterrupted, completion_logprobs, sample
-from rmlab.html_report import report
 from rmlab.io.pairs import load_pairs
 from rmlab.rewards.implicit import dpo_metrics, implicit_rewards, step_rewards, token_rewards
 from rmlab.rewards.attribution import attribute_reward
@@ -93,5 +92,15 @@ __all__ = [
     "step_rewards",
     "token_entanglement",
     "token_rewards",
+    "toy",
     "track_dpo",
 ]
+
+
+def __getattr__(name: str):
+    # the HTML report pulls in every figure module: load it on first use
+    if name == "report":
+        from rmlab.html_report import report
+
+        return report
+    raise AttributeError(f"module 'rmlab' has no attribute {name!r}")

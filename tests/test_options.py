@@ -66,3 +66,15 @@ def test_options_views_for_loading_and_tokenizing():
     assert opts.tokenizing["chat_template_kwargs"] == {"enable_thinking": False}
     assert set(opts.loading) | set(opts.tokenizing) < set(OPTION_NAMES)
     assert resolve_options(None) == Options()
+
+
+def test_import_rmlab_gives_the_toy_world_and_loads_the_report_on_first_use():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, rmlab; assert callable(rmlab.toy.load); "
+        "assert 'rmlab.html_report' not in sys.modules; assert callable(rmlab.report); "
+        "assert 'rmlab.html_report' in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
