@@ -30,6 +30,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from rmlab.engine.precision import autocast_dtype
 from rmlab.engine.reward_model import score_sequences
 from rmlab.engine.sampling import (
     SAMPLE_COLUMNS,
@@ -50,8 +51,7 @@ from rmlab.io.models import (
     load_causal_lm,
     load_reward_model,
     load_tokenizer,
-    model_device,
-    resolve_dtype,
+    padding_id,
     reward_label,
 )
 from rmlab.io.tokenize import encode_responses
@@ -243,15 +243,10 @@ def _reward_model_scores(model, tokenizer, label, prompts, completions, *, fmt, 
     frame.attrs["format"] = fmt
     seqs = encode_responses(frame, tokenizer, add_eos=None, chat_template_kwargs=chat_template_kwargs)
     check_context([(f"Row {i}", len(s.ids)) for i, s in enumerate(seqs)], model, f"{role} reward model", None)
-    pad_id = model.config.pad_token_id
-    if pad_id is None:
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    dev = model_device(model)
-    wanted = resolve_dtype(dtype, dev)
-    autocast = wanted if dev.type == "cuda" and wanted != next(model.parameters()).dtype else None
     return score_sequences(
-        model, [s.ids for s in seqs], pad_id=pad_id, label=label, batch_tokens=batch_tokens,
-        autocast_dtype=autocast, progress=progress, desc=f"{role} scores",
+        model, [s.ids for s in seqs], pad_id=padding_id(tokenizer, model, role=f"{role} reward model"),
+        label=label, batch_tokens=batch_tokens, autocast_dtype=autocast_dtype(model, dtype), progress=progress,
+        desc=f"{role} scores",
     )
 
 
@@ -551,7 +546,7 @@ def checkpoint_curve(
     common = dict(columns=columns, tokenizer=tok, reward_tokenizer=reward_tokenizer, device=device, dtype=dtype,
                   trust_remote_code=trust_remote_code)
     scorers = {"proxy": _resolve_scorer(proxy, "proxy", **common), "gold": _resolve_scorer(gold, "gold", **common)}
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    pad_id = padding_id(tok, ref_model)
     _check_checkpoints(items, tok, trust_remote_code)
 
     frames: list[pd.DataFrame] = []

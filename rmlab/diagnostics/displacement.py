@@ -24,7 +24,6 @@ Optimization" (arXiv 2410.08847; official code princeton-nlp/unintentional-unali
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
@@ -40,10 +39,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from rmlab.engine.batching import default_batch_tokens, length_batches
+from rmlab.engine.batching import batch_budget, length_batches
 from rmlab.engine.hidden import next_token_logprobs, response_hidden_states
 from rmlab.engine.logprobs import logprobs_with_grad, token_logprobs
 from rmlab.engine.pairs import PairInputs, check_beta, prepare_pair_inputs, run_logprobs
+from rmlab.engine.precision import autocast
 from rmlab.errors import ArgumentError, DataError, check_choice, closest
 from rmlab.io.models import model_device
 from rmlab.io.tokenize import decode_tokens
@@ -699,7 +699,7 @@ def track_dpo(
     )
     ref_loss = torch.as_tensor(np.nan_to_num(ref_train, nan=0.0), dtype=torch.float32).view(-1, 2).to(device_)
     autocast_dtype = inputs.autocast_dtype(model)
-    budget = inputs.batch_tokens or default_batch_tokens(device_)
+    budget = batch_budget(inputs.batch_tokens, device_)
 
     def record(step: int) -> pd.DataFrame:
         logps = token_logprobs(
@@ -713,14 +713,11 @@ def track_dpo(
         idx = _batch_indices(seed, step, n, batch_size)
         opt.zero_grad(set_to_none=True)
         lengths = [max(len(inputs.encoded[i].chosen.ids), len(inputs.encoded[i].rejected.ids)) for i in idx]
-        autocast = (
-            torch.autocast(device_.type, dtype=autocast_dtype) if autocast_dtype is not None
-            else contextlib.nullcontext()
-        )
+        precision = autocast(device_, autocast_dtype)
         for micro in length_batches(lengths, budget, width=2):
             members = [int(idx[j]) for j in micro]
             seqs = [s for i in members for s in (inputs.encoded[i].chosen, inputs.encoded[i].rejected)]
-            with autocast:
+            with precision:
                 logps = logprobs_with_grad(model, seqs, pad_id=inputs.pad_id)
             sums = torch.stack([t.sum() for t in logps]).float().view(-1, 2)
             ratio = sums - ref_loss[torch.as_tensor(members, device=device_)]

@@ -49,6 +49,7 @@ from rmlab.engine.grads import (
 )
 from rmlab.engine.logprobs import logprobs_with_grad
 from rmlab.engine.pairs import PairInputs, check_beta, prepare_pair_inputs, run_logprobs
+from rmlab.engine.precision import autocast
 from rmlab.errors import ArgumentError, DataError, check_choice
 from rmlab.io.tokenize import decode_tokens
 
@@ -149,9 +150,7 @@ def _pair_logps_now(inputs: PairInputs, i: int) -> np.ndarray:
     pair = inputs.encoded[i]
     model = inputs.policy
     device = next(model.parameters()).device
-    dtype = inputs.autocast_dtype(model)
-    ctx = torch.autocast(device.type, dtype=dtype) if dtype is not None and device.type == "cuda" else contextlib.nullcontext()
-    with torch.no_grad(), ctx:
+    with torch.no_grad(), autocast(device, inputs.autocast_dtype(model)):
         values = logprobs_with_grad(model, [pair.chosen, pair.rejected], pad_id=inputs.pad_id)
     return np.array([float(v.double().sum()) if v.numel() else np.nan for v in values])
 

@@ -20,6 +20,11 @@ def default_batch_tokens(device: torch.device) -> int:
     return DEFAULT_BATCH_TOKENS.get(device.type, 8192)
 
 
+def batch_budget(batch_tokens: int | None, device: torch.device) -> int:
+    """The padded tokens per forward pass: ``batch_tokens`` if given, else the device's default."""
+    return batch_tokens or default_batch_tokens(device)
+
+
 def length_batches(
     lengths: Sequence[int],
     batch_tokens: int,

@@ -38,8 +38,9 @@ import numpy as np
 import torch
 from torch.func import functional_call, grad, vmap
 
-from rmlab.engine.batching import default_batch_tokens, length_batches, pad_right
+from rmlab.engine.batching import batch_budget, length_batches, pad_right
 from rmlab.engine.logprobs import Scored, lm_head_for, logprobs_with_grad
+from rmlab.engine.precision import autocast
 from rmlab.errors import ArgumentError, ModelError
 
 #: Bytes of per-example gradients (and their flattened copy) one batch may hold.
@@ -281,12 +282,6 @@ _VMAP_STATE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _VMAP_ERRORS = (RuntimeError, NotImplementedError, TypeError, ValueError)
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is not None and device.type == "cuda":
-        return torch.autocast(device.type, dtype=dtype)
-    return contextlib.nullcontext()
-
-
 class Gradients:
     """Per-sequence gradients of one batch, kept parameter by parameter (never flattened unless asked).
 
@@ -374,7 +369,7 @@ class SequenceGradients:
         for i, seq in enumerate(sequences):
             grads: Sequence[torch.Tensor | None] = [None] * len(params)
             if len(seq.ids) - seq.start >= 1:
-                with _autocast(self.device, self.autocast_dtype):
+                with autocast(self.device, self.autocast_dtype):
                     lp = logprobs_with_grad(self.model, [seq], pad_id=self.pad_id)[0]
                 grads = torch.autograd.grad(lp.float().sum(), params, allow_unused=True)
                 logps[i] = float(lp.detach().double().sum())
@@ -408,7 +403,7 @@ class SequenceGradients:
             return value, value
 
         primals = tuple(p.detach() for p in self.selection.params)
-        with warnings.catch_warnings(), _autocast(self.device, self.autocast_dtype):
+        with warnings.catch_warnings(), autocast(self.device, self.autocast_dtype):
             warnings.filterwarnings("ignore", message=".*performance drop.*batching rule.*")
             grads, values = vmap(grad(summed, has_aux=True), in_dims=(None, 0, 0, 0, 0))(
                 primals, ids, rows, labels, weight
@@ -489,7 +484,7 @@ def gradient_batches(
     the per-example gradients (twice: per parameter and flattened) and the scored rows' float32
     logits stay under ``grad_bytes``.
     """
-    budget = batch_tokens or default_batch_tokens(device)
+    budget = batch_budget(batch_tokens, device)
     limit = grad_bytes or GRAD_BYTES.get(device.type, 1 << 30)
     width = max(len(g) for g in groups) if groups else 1
     lengths = [max(len(sequences[k].ids) for k in g) for g in groups]
@@ -611,7 +606,7 @@ def token_gradient_products(
     params = selection.params
     n_seq = len(sequences)
     counts = [len(s.ids) - s.start for s in sequences]
-    with _autocast(device, autocast_dtype):
+    with autocast(device, autocast_dtype):
         per_seq = logprobs_with_grad(model, list(sequences), pad_id=pad_id)
     flat = torch.cat([t.float() for t in per_seq])
     seq_grads = torch.zeros(n_seq, selection.numel, device=device)

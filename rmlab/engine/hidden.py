@@ -19,7 +19,6 @@ Only the backbone runs (no ``B x T x V`` logits); the backbone / unembedding spl
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,8 +27,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from rmlab.engine.batching import default_batch_tokens, length_batches, pad_right
+from rmlab.engine.batching import batch_budget, length_batches, pad_right
 from rmlab.engine.logprobs import LMHead, Scored, lm_head_for, verify_head
+from rmlab.engine.precision import autocast
 
 
 @dataclass
@@ -121,7 +121,7 @@ def response_hidden_states(
     device = next(model.parameters()).device
     if groups is None:
         groups = [[k] for k in range(len(sequences))]
-    budget = batch_tokens or default_batch_tokens(device)
+    budget = batch_budget(batch_tokens, device)
     lengths = [max(len(sequences[k].ids) for k in g) for g in groups]
     width = max((len(g) for g in groups), default=1)
     batches = length_batches(lengths, budget, width=width)
@@ -129,13 +129,9 @@ def response_hidden_states(
     sums: list[np.ndarray | None] = [None] * len(sequences)
     counts = np.zeros(len(sequences), dtype=np.int64)
     positions: list[np.ndarray | None] | None = [None] * len(sequences) if per_position else None
-    autocast = (
-        torch.autocast(device.type, dtype=autocast_dtype)
-        if autocast_dtype is not None and device.type == "cuda"
-        else contextlib.nullcontext()
-    )
+    precision = autocast(device, autocast_dtype)
     bar = tqdm(total=sum(len(g) for g in groups), desc=desc, unit="seq", disable=not progress, leave=False)
-    with torch.inference_mode(), autocast:
+    with torch.inference_mode(), precision:
         try:
             for batch in batches:
                 members = [k for g in batch for k in groups[g]]
@@ -185,15 +181,11 @@ def next_token_logprobs(
     """
     device = next(model.parameters()).device
     head = lm_head_for(model)
-    budget = batch_tokens or default_batch_tokens(device)
+    budget = batch_budget(batch_tokens, device)
     batches = length_batches([len(s) for s in sequences], budget)
     out: list[torch.Tensor | None] = [None] * len(sequences)
-    autocast = (
-        torch.autocast(device.type, dtype=autocast_dtype)
-        if autocast_dtype is not None and device.type == "cuda"
-        else contextlib.nullcontext()
-    )
-    with torch.inference_mode(), autocast:
+    precision = autocast(device, autocast_dtype)
+    with torch.inference_mode(), precision:
         if head.fused and not head.verified:
             checkable = [s for s in sequences if len(s) >= 2]
             if checkable:

@@ -13,7 +13,6 @@ logits, with a warning, so a number is never silently wrong.
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 import weakref
 from collections.abc import Sequence
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from rmlab.engine.batching import default_batch_tokens, length_batches, pad_right
+from rmlab.engine.batching import batch_budget, length_batches, pad_right
 from rmlab.engine.kv_cache import (
     attention_windows,
     probe_sequences,
@@ -31,6 +30,7 @@ from rmlab.engine.kv_cache import (
     warn_once,
     window_regime,
 )
+from rmlab.engine.precision import autocast
 
 #: Bytes of float32 logits one chunk of the selective log-softmax may hold.
 _CHUNK_BYTES = {"cpu": 1 << 26, "cuda": 1 << 29}
@@ -337,7 +337,7 @@ def token_logprobs(
     device = next(model.parameters()).device
     if groups is None:
         groups = [[k] for k in range(len(sequences))]
-    budget = batch_tokens or default_batch_tokens(device)
+    budget = batch_budget(batch_tokens, device)
     lengths = [max(len(sequences[k].ids) for k in g) for g in groups]
     width = max(len(g) for g in groups) if groups else 1
     head = lm_head_for(model)
@@ -370,13 +370,9 @@ def token_logprobs(
         rest = [g for g in batch if g not in shared]
         batches += [(part, use) for part, use in ((shared, True), (rest, False)) if part]
     results: list[np.ndarray | None] = [None] * len(sequences)
-    autocast = (
-        torch.autocast(device.type, dtype=autocast_dtype)
-        if autocast_dtype is not None and device.type == "cuda"
-        else contextlib.nullcontext()
-    )
+    precision = autocast(device, autocast_dtype)
     bar = tqdm(total=sum(len(g) for g in groups), desc=desc, unit="seq", disable=not progress, leave=False)
-    with torch.inference_mode(), autocast:
+    with torch.inference_mode(), precision:
         try:
             for batch, use_shared in batches:
                 members = [k for g in batch for k in groups[g]]

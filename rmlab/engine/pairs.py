@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 
 from rmlab.engine.logprobs import token_logprobs
+from rmlab.engine.precision import autocast_dtype
 from rmlab.errors import ArgumentError, TokenizerError
 from rmlab.io.models import (
     check_context,
@@ -21,8 +22,7 @@ from rmlab.io.models import (
     check_vocab_covers,
     load_causal_lm,
     load_tokenizer,
-    model_device,
-    resolve_dtype,
+    padding_id,
 )
 from rmlab.io.pairs import load_pairs
 from rmlab.io.tokenize import EncodedPair, EncodedSequence, encode_pairs
@@ -80,10 +80,8 @@ class PairInputs:
         return [s for p in self.encoded for s in (p.chosen, p.rejected)]
 
     def autocast_dtype(self, model) -> torch.dtype | None:
-        """The dtype to autocast ``model`` to (bf16 on CUDA when asked and the weights differ)."""
-        dev = model_device(model)
-        wanted = resolve_dtype(self.dtype, dev)
-        return wanted if dev.type == "cuda" and wanted != next(model.parameters()).dtype else None
+        """The dtype to autocast ``model`` to (see :mod:`rmlab.engine.precision`)."""
+        return autocast_dtype(model, self.dtype)
 
 
 def prepare_pair_inputs(
@@ -145,7 +143,7 @@ def prepare_pair_inputs(
     check_context(lengths, policy_model, "policy", max_length)
     if ref_model is not None:
         check_context(lengths, ref_model, "reference", max_length)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    pad_id = padding_id(tok, policy_model)
     return PairInputs(
         pairs=pairs, encoded=encoded, policy=policy_model, reference=ref_model, tokenizer=tok,
         pad_id=pad_id, batch_tokens=batch_tokens, dtype=dtype,

@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rmlab.cache import ChunkCache, compute_dtype, run_cached, sequences_digest, tokenizer_digest, weights_digest
-from rmlab.engine.batching import default_batch_tokens, length_batches, pad_right
+from rmlab.engine.batching import batch_budget, length_batches, pad_right
 from rmlab.engine.kv_cache import (
     attention_windows,
     probe_sequences,
@@ -35,13 +35,14 @@ from rmlab.engine.kv_cache import (
     warn_once,
     window_regime,
 )
+from rmlab.engine.precision import autocast, autocast_dtype
 from rmlab.errors import ArgumentError, ModelError, TokenizerError
 from rmlab.io.models import (
     check_context,
     load_reward_model,
     load_tokenizer,
     model_device,
-    resolve_dtype,
+    padding_id,
     reward_label,
 )
 from rmlab.io.responses import load_scoring_data
@@ -142,18 +143,7 @@ def prepare_reward_inputs(
         sequences = encode_responses(frame, tok, **options)
         where = [f"Row {i}" for i in range(len(sequences))]
     check_context([(w, len(s.ids), s.start) for w, s in zip(where, sequences)], model, role, max_length)
-    pad_id = model.config.pad_token_id
-    if pad_id is None:
-        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    if pad_id is None:
-        raise TokenizerError(
-            f"Neither the {role}'s config nor its tokenizer names a padding token, so batches cannot "
-            "be padded. Set tokenizer.pad_token (e.g. to the EOS token) or model.config.pad_token_id."
-        )
-    dev = model_device(model)
-    wanted = resolve_dtype(dtype, dev)
-    params_dtype = next(model.parameters()).dtype
-    autocast = wanted if dev.type == "cuda" and wanted != params_dtype else None
+    pad_id = padding_id(tok, model, role=role)
     return RewardInputs(
         kind="pairs" if pairs else "responses",
         frame=frame,
@@ -161,17 +151,10 @@ def prepare_reward_inputs(
         model=model,
         tokenizer=tok,
         label=index,
-        pad_id=int(pad_id),
+        pad_id=pad_id,
         batch_tokens=batch_tokens,
-        autocast_dtype=autocast,
+        autocast_dtype=autocast_dtype(model, dtype),
     )
-
-
-def autocast(device: torch.device, dtype):
-    """``torch.autocast`` to ``dtype`` on ``device``, or nothing when ``dtype`` is None."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def score_sequences(
@@ -239,7 +222,7 @@ def cached_scores(inputs: RewardInputs, cache_dir, *, overwrite: bool = False, p
     """
     cache = reward_cache(inputs, cache_dir, "scores", overwrite=overwrite)
     ids = [s.ids for s in inputs.sequences]
-    budget = inputs.batch_tokens or default_batch_tokens(model_device(inputs.model))
+    budget = batch_budget(inputs.batch_tokens, model_device(inputs.model))
     batches = length_batches([len(s) for s in ids], budget)  # exactly score_sequences' batches
 
     def compute(todo: list[int]) -> dict[str, list]:
@@ -261,7 +244,7 @@ def _padded_batches(model, sequences, pad_id: int, batch_tokens, autocast_dtype,
     Yields ``(indices, input_ids, attention_mask, pad_id used)``. Consume it inside
     ``contextlib.closing``: the contexts stay entered while the generator is suspended."""
     device = model_device(model)
-    budget = batch_tokens or default_batch_tokens(device)
+    budget = batch_budget(batch_tokens, device)
     batches = length_batches([len(s) for s in sequences], budget)
     with pad_token(model, pad_id) as pad, torch.inference_mode(), autocast(device, autocast_dtype):
         for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
@@ -478,7 +461,7 @@ def shared_prompt_scores(
     pooling honoured); callers check :func:`shared_prompt_problem` first.
     """
     device = model_device(model)
-    budget = batch_tokens or default_batch_tokens(device)
+    budget = batch_budget(batch_tokens, device)
     width = len(groups[0][1]) if groups else 1
     # padded tokens per group: the prompt once, then `width` continuations
     lengths = [len(p) // width + max(len(c) for c in conts) for p, conts in groups]

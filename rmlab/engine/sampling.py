@@ -39,7 +39,6 @@ How it works:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
 import json
@@ -56,6 +55,7 @@ from rmlab.cache import ChunkCache, resolve_cache_dir, tokenizer_digest, weights
 from rmlab.engine.batching import length_batches
 from rmlab.engine.decoding import check_sampler, decode_batch, decoding_mode, row_keys, row_uniforms
 from rmlab.engine.logprobs import Scored, token_logprobs
+from rmlab.engine.precision import autocast, autocast_dtype
 from rmlab.errors import ArgumentError, DataError, check_choice, closest
 from rmlab.io.models import (
     check_vocab_covers,
@@ -63,7 +63,7 @@ from rmlab.io.models import (
     load_causal_lm,
     load_tokenizer,
     model_device,
-    resolve_dtype,
+    padding_id,
 )
 from rmlab.io.pairs import cell_kind, to_python
 from rmlab.io.tokenize import _check_template, _prompt_ids
@@ -246,25 +246,6 @@ def stop_token_ids(eos_token_id, model, tokenizer) -> list[int]:
     return sorted(set(ids))
 
 
-def _pad_id(tokenizer) -> int:
-    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if value is not None:
-            return int(value)
-    return 0
-
-
-def _autocast_dtype(model, dtype) -> torch.dtype | None:
-    dev = model_device(model)
-    wanted = resolve_dtype(dtype, dev)
-    return wanted if dev.type == "cuda" and wanted != next(model.parameters()).dtype else None
-
-
-def _autocast(model, dtype):
-    target = _autocast_dtype(model, dtype)
-    dev = model_device(model)
-    return torch.autocast(dev.type, dtype=target) if target is not None else contextlib.nullcontext()
-
-
 # --------------------------------------------------------------------------------------------------
 # log-probs of given completions
 # --------------------------------------------------------------------------------------------------
@@ -282,7 +263,7 @@ def engine_logprobs(
     if empty:
         raise DataError(f"Row {empty[0]} has no completion tokens to score.")
     return token_logprobs(
-        model, seqs, batch_tokens=batch_tokens, pad_id=pad_id, autocast_dtype=_autocast_dtype(model, dtype),
+        model, seqs, batch_tokens=batch_tokens, pad_id=pad_id, autocast_dtype=autocast_dtype(model, dtype),
         progress=progress, desc=desc,
     )
 
@@ -335,7 +316,7 @@ def completion_logprobs(
             if len(p) + len(toks) > limit:
                 raise DataError(f"Row {k}: prompt+completion is {len(p) + len(toks)} tokens; the model accepts {limit}.")
     values = engine_logprobs(
-        lm, prompt_ids, range(len(prompt_ids)), tokens, pad_id=_pad_id(tok), dtype=dtype,
+        lm, prompt_ids, range(len(prompt_ids)), tokens, pad_id=padding_id(tok, lm), dtype=dtype,
         batch_tokens=batch_tokens, progress=progress,
     )
     return np.array([float(v.astype(np.float64).sum()) for v in values])
@@ -532,7 +513,7 @@ def sample(
     prompt_ids = encode_prompts(prompts, fmt, tok, chat_template_kwargs)
     check_prompt_context(prompt_ids, model, max_new_tokens)
     stops = stop_token_ids(eos_token_id, model, tok)
-    pad_id = _pad_id(tok)
+    pad_id = padding_id(tok, model)
     settings = dict(n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, backend=backend)
 
     cache = None
@@ -554,7 +535,7 @@ def sample(
                 "seed": seed,
                 "stop_ids": stops,
                 "device": dev.type,
-                "compute_dtype": str(_autocast_dtype(model, dtype) or next(model.parameters()).dtype),
+                "compute_dtype": str(autocast_dtype(model, dtype) or next(model.parameters()).dtype),
             },
             overwrite=overwrite_cache,
         )
@@ -597,7 +578,7 @@ def sample(
         plan = length_batches(lengths, budget, max_items=rows_cap)
     todo = total_rows - len(done)
     bar = tqdm(total=todo, desc="sampling", unit="sample", disable=not progress or todo == 0, leave=False)
-    autocast = _autocast(model, dtype)
+    precision = autocast(model_device(model), autocast_dtype(model, dtype))
     llm = None
     try:
         for batch in plan:
@@ -617,7 +598,7 @@ def sample(
                 bar.update(len(rows))
                 sampler_lp = None
             else:
-                with torch.inference_mode(), autocast:
+                with torch.inference_mode(), precision:
                     tokens, finished, sampler_lp = decode_batch(
                         model, [prompt_ids[i] for i in p_index], row_uniforms(keys, max_new_tokens),
                         temperature=temperature, top_p=top_p, stop_ids=stops, pad_id=pad_id,
@@ -628,7 +609,7 @@ def sample(
                     model, prompt_ids, p_index, tokens, pad_id=pad_id, dtype=dtype, batch_tokens=batch_tokens
                 )
                 if sampler_lp is not None:
-                    check_sampler(model, sampler_lp, values, autocast=_autocast_dtype(model, dtype) is not None)
+                    check_sampler(model, sampler_lp, values, autocast=autocast_dtype(model, dtype) is not None)
                 logp = [float(v.astype(np.float64).sum()) for v in values]
             else:
                 logp = [np.nan] * len(rows)

@@ -321,6 +321,30 @@ def check_vocab_covers(model, tokenizer, *, role: str = "policy") -> None:
         )
 
 
+def padding_id(tokenizer, model=None, *, role: str = "policy") -> int:
+    """The one padding rule: the id that fills batches for ``model`` with ``tokenizer``.
+
+    A reward model pools its score at the last token that is not its ``config.pad_token_id``, so
+    that id comes first for sequence classifiers; otherwise the tokenizer's pad token, then its
+    EOS token (padding is never attended to by a causal LM, so any id would do there, and 0 is the
+    last resort). A reward model with no such id at all gets a :class:`TokenizerError`.
+    """
+    classifier = model is not None and is_reward_model(model)
+    candidates = [model.config.pad_token_id] if classifier else []
+    candidates += [tokenizer.pad_token_id, tokenizer.eos_token_id]
+    if model is not None and not classifier:
+        candidates.append(getattr(model.config, "pad_token_id", None))
+    for value in candidates:
+        if value is not None:
+            return int(value)
+    if classifier:
+        raise TokenizerError(
+            f"Neither the {role}'s config nor its tokenizer names a padding token, so batches cannot "
+            "be padded. Set tokenizer.pad_token (e.g. to the EOS token) or model.config.pad_token_id."
+        )
+    return 0
+
+
 def model_device(model) -> torch.device:
     """The device of a model's first parameter."""
     return next(model.parameters()).device

@@ -46,10 +46,11 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from rmlab.engine.batching import default_batch_tokens
+from rmlab.engine.batching import batch_budget
 from rmlab.engine.logprobs import logprobs_with_grad
 from rmlab.engine.pairs import check_beta, prepare_pair_inputs
-from rmlab.engine.reward_model import autocast, pad_token, prepare_reward_inputs
+from rmlab.engine.precision import autocast
+from rmlab.engine.reward_model import pad_token, prepare_reward_inputs
 from rmlab.errors import ArgumentError, ModelError, check_choice, closest
 from rmlab.io.models import check_same_device, is_causal_lm, is_reward_model, model_device
 from rmlab.io.pairs import load_pairs
@@ -161,7 +162,7 @@ def _reward_model_problem(model, data, *, tokenizer, label, options, batch_token
         layers=[layer],
         models=[rm],
         device=dev,
-        budget=inputs.batch_tokens or default_batch_tokens(dev),
+        budget=batch_budget(inputs.batch_tokens, dev),
         forward_for=forward_for,
         context=lambda: pad_token(rm, inputs.pad_id),
         defined=lambda seq: True,
@@ -224,7 +225,7 @@ def _dpo_problem(policy, reference, pairs: pd.DataFrame, *, tokenizer, beta, ref
         layers=layers,
         models=models,
         device=dev,
-        budget=batch_tokens or default_batch_tokens(dev),
+        budget=batch_budget(batch_tokens, dev),
         forward_for=forward_for,
         context=contextlib.nullcontext,
         defined=lambda seq: seq.n_response > 0,  # implicit_rewards: NaN for a response cut to nothing

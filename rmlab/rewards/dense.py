@@ -27,7 +27,7 @@ import pandas as pd
 import pyarrow as pa
 
 from rmlab.cache import resolve_cache_dir, run_cached
-from rmlab.engine.batching import default_batch_tokens, length_batches
+from rmlab.engine.batching import batch_budget, length_batches
 from rmlab.engine.reward_model import (
     RewardInputs,
     one_pass_problem,
@@ -222,7 +222,7 @@ def _cached_runs(inputs: RewardInputs, method: str, share_prompt: bool, cache_di
     else:
         cost = [len(s.ids) for s in seqs]
     items = [sum(cost[i * width : (i + 1) * width]) for i in range(len(seqs) // width)]
-    budget = (inputs.batch_tokens or default_batch_tokens(model_device(inputs.model))) * _BATCHES_PER_CHUNK
+    budget = batch_budget(inputs.batch_tokens, model_device(inputs.model)) * _BATCHES_PER_CHUNK
     groups = length_batches(items, budget)
     shared = 0
 
