@@ -40,7 +40,8 @@ class Options:
             (first) model.
         max_length: truncate prompt + response to this many tokens (None: no truncation).
         truncation_mode: ``"keep_start"`` (TRL's default) or ``"keep_end"``.
-        add_eos: append EOS to plain-text responses, as TRL's ``DPOTrainer`` does.
+        add_eos: append EOS to plain-text responses, as TRL's ``DPOTrainer`` does (None, the
+            reward models' default: append it unless the tokenizer closes texts itself).
         chat_template_kwargs: extra keywords for ``tokenizer.apply_chat_template``.
         batch_tokens: padded tokens per forward pass (None: a default for the device).
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ... or a ``torch.device``.
@@ -57,7 +58,7 @@ class Options:
     tokenizer: object = None
     max_length: int | None = None
     truncation_mode: str = "keep_start"
-    add_eos: bool = True
+    add_eos: bool | None = True
     chat_template_kwargs: Mapping | None = field(default=None, hash=False)
     batch_tokens: int | None = None
     device: object = "auto"
@@ -71,9 +72,14 @@ class Options:
     runner: str = "local"
 
     def __post_init__(self):
-        for name in ("add_eos", "progress", "overwrite_cache", "trust_remote_code", "use_safetensors"):
+        for name in ("progress", "overwrite_cache", "trust_remote_code", "use_safetensors"):
             if not isinstance(getattr(self, name), bool):
                 raise ArgumentError(f"{name}={getattr(self, name)!r} must be True or False.")
+        if self.add_eos is not None and not isinstance(self.add_eos, bool):
+            raise ArgumentError(
+                f"add_eos={self.add_eos!r} must be True, False or None (reward models: append EOS unless "
+                "the tokenizer closes texts itself)."
+            )
         for name in ("max_length", "batch_tokens"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -135,10 +141,11 @@ def check_names(given: Mapping, where: str, accepted=OPTION_NAMES) -> None:
             )
 
 
-def resolve_options(options: Options | None = None, **flat) -> Options:
+def resolve_options(options: Options | None = None, where: str = "Options", **flat) -> Options:
     """``options`` (or the defaults) with the flat keywords ``flat`` applied on top."""
     if options is not None and not isinstance(options, Options):
         raise ArgumentError(f"options={options!r} must be an rmlab.Options (or None).")
+    check_names(flat, where)
     base = options if options is not None else Options()
     return dataclasses.replace(base, **flat) if flat else base
 

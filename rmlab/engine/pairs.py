@@ -13,9 +13,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from rmlab.engine.logprobs import token_logprobs
 from rmlab.engine.precision import autocast_dtype
+from rmlab.engine.runner import runner_for
 from rmlab.errors import ArgumentError, TokenizerError
+from rmlab.options import Options, resolve_options
 from rmlab.io.models import (
     check_context,
     check_same_tokenizer,
@@ -72,52 +73,46 @@ class PairInputs:
     reference: torch.nn.Module | None
     tokenizer: object
     pad_id: int
-    batch_tokens: int | None
-    dtype: object
+    options: Options
 
     @property
     def sequences(self) -> list[EncodedSequence]:
         return [s for p in self.encoded for s in (p.chosen, p.rejected)]
 
+    @property
+    def batch_tokens(self) -> int | None:
+        return self.options.batch_tokens
+
+    @property
+    def dtype(self):
+        return self.options.dtype
+
+    @property
+    def runner(self):
+        """The forward runner the options name (:mod:`rmlab.engine.runner`)."""
+        return runner_for(self.options.runner)
+
     def autocast_dtype(self, model) -> torch.dtype | None:
         """The dtype to autocast ``model`` to (see :mod:`rmlab.engine.precision`)."""
-        return autocast_dtype(model, self.dtype)
+        return autocast_dtype(model, self.options.dtype)
 
 
-def prepare_pair_inputs(
-    policy,
-    reference,
-    data,
-    *,
-    tokenizer=None,
-    max_length: int | None = None,
-    truncation_mode: str = "keep_start",
-    add_eos: bool = True,
-    chat_template_kwargs: dict | None = None,
-    batch_tokens: int | None = None,
-    device="auto",
-    dtype="auto",
-    trust_remote_code: bool = False,
-) -> PairInputs:
+def prepare_pair_inputs(policy, reference, data, *, options: Options | None = None, **flat) -> PairInputs:
     """Validate everything and tokenise as TRL's DPOTrainer; no model runs here.
 
-    ``reference=None`` prepares the policy alone. Raises the specific errors of
+    ``options`` (:class:`rmlab.Options`, or its fields as flat keywords) says how to load, tokenise
+    and batch. ``reference=None`` prepares the policy alone. Raises the specific errors of
     :mod:`rmlab.errors` for bad data, models that are not causal LMs, tokenizers that disagree or do
     not fit the model, and sequences longer than a model's context.
     """
+    opts = resolve_options(options, "prepare_pair_inputs", **flat)
     pairs = load_pairs(data)
-    if batch_tokens is not None and (not isinstance(batch_tokens, int) or batch_tokens < 1):
-        raise ArgumentError(f"batch_tokens={batch_tokens!r} must be a positive integer (or None).")
-    policy_model = load_causal_lm(
-        policy, role="policy", device=device, dtype=dtype, trust_remote_code=trust_remote_code
-    )
-    tok = load_tokenizer(tokenizer, policy, role="policy", trust_remote_code=trust_remote_code)
+    policy_model = load_causal_lm(policy, role="policy", **opts.loading)
+    tok = load_tokenizer(opts.tokenizer, policy, role="policy", trust_remote_code=opts.trust_remote_code)
     check_vocab_covers(policy_model, tok, role="policy")
     ref_model = None
     if reference is not None:
-        ref_model = load_causal_lm(
-            reference, role="reference", device=device, dtype=dtype, trust_remote_code=trust_remote_code
-        )
+        ref_model = load_causal_lm(reference, role="reference", **opts.loading)
         if isinstance(reference, (str, os.PathLike)):
             try:
                 ref_tok = load_tokenizer(None, reference, role="reference")
@@ -127,33 +122,25 @@ def prepare_pair_inputs(
                 check_same_tokenizer(tok, ref_tok)
         check_vocab_covers(ref_model, tok, role="reference")
 
-    encoded = encode_pairs(
-        pairs,
-        tok,
-        max_length=max_length,
-        truncation_mode=truncation_mode,
-        add_eos=add_eos,
-        chat_template_kwargs=chat_template_kwargs,
-    )
+    encoded = encode_pairs(pairs, tok, **opts.tokenizing)
     lengths = [
         (f"Row {i}, {side}", len(getattr(p, side).ids), p.prompt_tokens)
         for i, p in enumerate(encoded)
         for side in ("chosen", "rejected")
     ]
-    check_context(lengths, policy_model, "policy", max_length)
+    check_context(lengths, policy_model, "policy", opts.max_length)
     if ref_model is not None:
-        check_context(lengths, ref_model, "reference", max_length)
-    pad_id = padding_id(tok, policy_model)
+        check_context(lengths, ref_model, "reference", opts.max_length)
     return PairInputs(
         pairs=pairs, encoded=encoded, policy=policy_model, reference=ref_model, tokenizer=tok,
-        pad_id=pad_id, batch_tokens=batch_tokens, dtype=dtype,
+        pad_id=padding_id(tok, policy_model), options=opts,
     )
 
 
 def run_logprobs(inputs: PairInputs, model, role: str, *, progress: bool = True) -> list[np.ndarray]:
     """Per-token log-probs of every response of ``inputs`` under ``model`` (chosen and rejected of a
     pair in one forward pass; length-bucketed batches under ``batch_tokens``)."""
-    return token_logprobs(
+    return inputs.runner.logprobs(
         model,
         inputs.sequences,
         groups=[[2 * i, 2 * i + 1] for i in range(len(inputs.encoded))],
