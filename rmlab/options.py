@@ -127,8 +127,12 @@ class Options:
         )
 
 
-#: Every option's name, in the order of :class:`Options`.
+#: Every option's name, in the order of :class:`Options`, and the groups functions take.
 OPTION_NAMES = tuple(f.name for f in dataclasses.fields(Options))
+LOADING = ("device", "dtype", "trust_remote_code", "revision", "use_safetensors")
+TOKENIZING = ("tokenizer", "max_length", "truncation_mode", "add_eos", "chat_template_kwargs")
+RUNNING = ("batch_tokens", "progress", "runner")
+CACHING = ("cache_dir", "overwrite_cache")
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(Options)}
 
 
@@ -155,7 +159,8 @@ def with_options(*names: str, defaults: Mapping | None = None) -> Callable:
 
     The decorated function declares a keyword-only ``options`` parameter and receives one
     validated :class:`Options` there; its own keywords pass through unchanged. ``defaults``
-    overrides an option's default for this function only (e.g. ``progress=False``). The public
+    overrides an option's default for this function only (e.g. ``progress=False``) when no
+    ``options`` object is given (a given object is used as it is, flat keywords on top). The public
     signature lists the flat option keywords after the function's own, so ``help()`` shows them.
     """
     unknown = [n for n in names if n not in OPTION_NAMES]
@@ -177,10 +182,7 @@ def with_options(*names: str, defaults: Mapping | None = None) -> Callable:
             flat = {n: kwargs.pop(n) for n in names if n in kwargs}
             if not takes_kwargs:
                 check_names({k: v for k, v in kwargs.items() if k not in own}, fn.__name__, accepted)
-            base = resolve_options(options)
-            for name, value in own_defaults.items():
-                if options is None or getattr(options, name) == _DEFAULTS[name]:
-                    base = dataclasses.replace(base, **{name: value})
+            base = resolve_options(options) if options is not None else Options(**own_defaults)
             return fn(*args, options=dataclasses.replace(base, **flat) if flat else base, **kwargs)
 
         extra = [
@@ -188,7 +190,11 @@ def with_options(*names: str, defaults: Mapping | None = None) -> Callable:
             for n in names
             if n not in sig.parameters
         ]
-        before_var = [p for p in params if p.kind is not p.VAR_KEYWORD]
+        before_var = [
+            p.replace(default=None, annotation="Options | None") if p.name == "options" else p
+            for p in params
+            if p.kind is not p.VAR_KEYWORD
+        ]
         var = [p for p in params if p.kind is p.VAR_KEYWORD]
         inner.__signature__ = sig.replace(parameters=[*before_var, *extra, *var])
         inner.option_names = names

@@ -28,6 +28,7 @@ def test_flat_keywords_and_the_options_object_give_one_options():
 def test_a_function_default_applies_unless_the_caller_sets_it():
     assert analysis("m", "d")[3].progress is False
     assert analysis("m", "d", progress=True)[3].progress is True
+    assert analysis("m", "d", options=Options())[3].progress is True, "a given object is used as it is"
 
 
 @pytest.mark.parametrize(
@@ -58,6 +59,7 @@ def test_the_signature_lists_the_flat_option_keywords():
     sig = inspect.signature(analysis)
     assert list(sig.parameters) == ["model", "data", "beta", "options", "max_length", "batch_tokens", "progress"]
     assert sig.parameters["progress"].default is False
+    assert sig.parameters["options"].default is None
     assert sig.parameters["max_length"].default is None
 
 

@@ -36,7 +36,8 @@ from rmlab.engine.kv_cache import (
     window_regime,
 )
 from rmlab.engine.precision import autocast, autocast_dtype
-from rmlab.errors import ArgumentError, ModelError, TokenizerError
+from rmlab.errors import ModelError, TokenizerError
+from rmlab.options import Options, resolve_options
 from rmlab.io.models import (
     check_context,
     load_reward_model,
@@ -65,8 +66,23 @@ class RewardInputs:
     tokenizer: object
     label: int
     pad_id: int
-    batch_tokens: int | None
-    autocast_dtype: torch.dtype | None
+    options: Options
+
+    @property
+    def batch_tokens(self) -> int | None:
+        return self.options.batch_tokens
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The dtype the model's forward autocasts to (see :mod:`rmlab.engine.precision`)."""
+        return autocast_dtype(self.model, self.options.dtype)
+
+    @property
+    def runner(self):
+        """The forward runner the options name (:mod:`rmlab.engine.runner`)."""
+        from rmlab.engine.runner import runner_for  # the runner module builds on this one
+
+        return runner_for(self.options.runner)
 
     @property
     def sides(self) -> tuple[str, ...]:
@@ -92,58 +108,38 @@ def pad_token(model, pad_id: int):
 
 
 def prepare_reward_inputs(
-    reward_model,
-    data,
-    *,
-    tokenizer=None,
-    label=None,
-    max_length: int | None = None,
-    truncation_mode: str = "keep_start",
-    add_eos: bool | None = None,
-    chat_template_kwargs: dict | None = None,
-    batch_tokens: int | None = None,
-    device="auto",
-    dtype="auto",
-    trust_remote_code: bool = False,
-    role: str = "reward model",
+    reward_model, data, *, label=None, role: str = "reward model", options: Options | None = None, **flat
 ) -> RewardInputs:
     """Validate the model, the tokenizer and the data, then tokenise; nothing heavy runs here.
 
     ``data`` with ``chosen``/``rejected`` columns are pairs (:func:`rmlab.load_pairs`); anything
-    else is read as single responses (:func:`rmlab.io.responses.load_responses`). ``add_eos=None``
-    appends EOS to plain text when the tokenizer does not close texts itself (TRL's
-    ``RewardTrainer`` appends it; encoder tokenizers add their own separator).
+    else is read as single responses (:func:`rmlab.io.responses.load_responses`). ``options``
+    (:class:`rmlab.Options`, or its fields as flat keywords) says how to load, tokenise and batch;
+    ``add_eos=None`` (the default here) appends EOS to plain text when the tokenizer does not close
+    texts itself (TRL's ``RewardTrainer`` appends it; encoder tokenizers add their own separator).
     """
-    if batch_tokens is not None and (not isinstance(batch_tokens, int) or batch_tokens < 1):
-        raise ArgumentError(f"batch_tokens={batch_tokens!r} must be a positive integer (or None).")
+    if options is None and "add_eos" not in flat:
+        flat["add_eos"] = None
+    opts = resolve_options(options, "prepare_reward_inputs", **flat)
     kind, frame = load_scoring_data(data)
     pairs = kind == "pairs"
-    model = load_reward_model(
-        reward_model, role=role, device=device, dtype=dtype, trust_remote_code=trust_remote_code
-    )
+    model = load_reward_model(reward_model, role=role, **opts.loading)
     index = reward_label(model, label)
-    tok = load_tokenizer(tokenizer, reward_model, role=role, trust_remote_code=trust_remote_code)
+    tok = load_tokenizer(opts.tokenizer, reward_model, role=role, trust_remote_code=opts.trust_remote_code)
     rows = model.get_input_embeddings().weight.shape[0]
     if len(tok) > rows:
         raise TokenizerError(
             f"The tokenizer has {len(tok)} tokens but the {role}'s embedding has only {rows} rows: "
             f"they do not belong together. Pass the tokenizer the {role} was trained with."
         )
-    options = dict(
-        max_length=max_length,
-        truncation_mode=truncation_mode,
-        add_eos=add_eos,
-        chat_template_kwargs=chat_template_kwargs,
-    )
     if pairs:
-        encoded = encode_pairs(frame, tok, **options)
+        encoded = encode_pairs(frame, tok, **opts.tokenizing)
         sequences = [s for p in encoded for s in (p.chosen, p.rejected)]
         where = [f"Row {i}, {side}" for i in range(len(encoded)) for side in ("chosen", "rejected")]
     else:
-        sequences = encode_responses(frame, tok, **options)
+        sequences = encode_responses(frame, tok, **opts.tokenizing)
         where = [f"Row {i}" for i in range(len(sequences))]
-    check_context([(w, len(s.ids), s.start) for w, s in zip(where, sequences)], model, role, max_length)
-    pad_id = padding_id(tok, model, role=role)
+    check_context([(w, len(s.ids), s.start) for w, s in zip(where, sequences)], model, role, opts.max_length)
     return RewardInputs(
         kind="pairs" if pairs else "responses",
         frame=frame,
@@ -151,9 +147,8 @@ def prepare_reward_inputs(
         model=model,
         tokenizer=tok,
         label=index,
-        pad_id=pad_id,
-        batch_tokens=batch_tokens,
-        autocast_dtype=autocast_dtype(model, dtype),
+        pad_id=padding_id(tok, model, role=role),
+        options=opts,
     )
 
 

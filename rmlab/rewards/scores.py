@@ -12,26 +12,12 @@ import numpy as np
 import pandas as pd
 
 from rmlab.cache import resolve_cache_dir
-from rmlab.engine.reward_model import cached_scores, prepare_reward_inputs, score_sequences
+from rmlab.engine.reward_model import cached_scores, prepare_reward_inputs
+from rmlab.options import CACHING, LOADING, RUNNING, TOKENIZING, Options, with_options
 
 
-def reward_scores(
-    reward_model,
-    data,
-    *,
-    tokenizer=None,
-    label=None,
-    max_length: int | None = None,
-    truncation_mode: str = "keep_start",
-    add_eos: bool | None = None,
-    batch_tokens: int | None = None,
-    device="auto",
-    dtype="auto",
-    progress: bool = True,
-    cache_dir=None,
-    overwrite_cache: bool = False,
-    **kwargs,
-) -> pd.DataFrame:
+@with_options(*TOKENIZING, *RUNNING, *LOADING, *CACHING, defaults={"add_eos": None})
+def reward_scores(reward_model, data, *, label=None, options: Options) -> pd.DataFrame:
     """Score preference pairs, or single texts, with an explicit reward model.
 
     Follows the Bradley-Terry reading of reward models (Ouyang et al. 2022): ``margin = r(x, y_c) -
@@ -58,7 +44,9 @@ def reward_scores(
             :mod:`rmlab.cache`). An interrupted call resumes where it stopped; a repeated call runs
             no model. Delete the folder to clear it. None (default): no cache.
         overwrite_cache: delete this call's cache entry first and score everything afresh.
-        **kwargs: ``chat_template_kwargs``, ``trust_remote_code``.
+        chat_template_kwargs, trust_remote_code, revision, use_safetensors, runner: see
+            :class:`rmlab.Options`.
+        options: all of the above as one :class:`rmlab.Options` (flat keywords override it).
 
     Returns:
         For pairs, one row per pair: ``pair``, ``score_chosen``, ``score_rejected``, ``margin``,
@@ -74,19 +62,15 @@ def reward_scores(
         >>> list(frame.columns[:3])
         ['row', 'score', 'tokens']
     """
-    cache_dir = resolve_cache_dir(cache_dir, overwrite_cache)
-    inputs = prepare_reward_inputs(
-        reward_model, data, tokenizer=tokenizer, label=label, max_length=max_length,
-        truncation_mode=truncation_mode, add_eos=add_eos, batch_tokens=batch_tokens, device=device,
-        dtype=dtype, **kwargs,
-    )
+    cache_dir = resolve_cache_dir(options.cache_dir, options.overwrite_cache)
+    inputs = prepare_reward_inputs(reward_model, data, label=label, options=options)
     if cache_dir is None:
-        scores = score_sequences(
+        scores = inputs.runner.scores(
             inputs.model, [s.ids for s in inputs.sequences], pad_id=inputs.pad_id, label=inputs.label,
-            batch_tokens=inputs.batch_tokens, autocast_dtype=inputs.autocast_dtype, progress=progress,
+            batch_tokens=inputs.batch_tokens, autocast_dtype=inputs.autocast_dtype, progress=options.progress,
         )
     else:
-        scores = cached_scores(inputs, cache_dir, overwrite=overwrite_cache, progress=progress)
+        scores = cached_scores(inputs, cache_dir, overwrite=options.overwrite_cache, progress=options.progress)
     seqs = inputs.sequences
     if inputs.kind == "responses":
         frame = pd.DataFrame(
