@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from rmlab import options
-from rmlab.engine import decoding, logprobs, reward_model
+from rmlab.engine import decoding, logprobs, prefix_scores, reward_model
 from rmlab.errors import ArgumentError, closest
 
 
@@ -61,8 +61,8 @@ class LocalRunner:
         self, model, sequences: Sequence[Sequence[int]], *, pad_id: int, label: int = 0,
         batch_tokens: int | None = None, autocast_dtype=None, progress: bool = True, desc: str = "dense rewards",
     ) -> list[np.ndarray]:
-        """The score of the prefix ending at every position (:func:`rmlab.engine.reward_model.position_scores`)."""
-        return reward_model.position_scores(
+        """The score of the prefix ending at every position (:func:`rmlab.engine.prefix_scores.position_scores`)."""
+        return prefix_scores.position_scores(
             model, sequences, pad_id=pad_id, label=label, batch_tokens=batch_tokens,
             autocast_dtype=autocast_dtype, progress=progress, desc=desc,
         )
@@ -72,8 +72,8 @@ class LocalRunner:
         autocast_dtype=None, progress: bool = True, desc: str = "dense rewards",
     ) -> list[list[np.ndarray]]:
         """Prefix scores of responses that share a prompt, the prompt run once
-        (:func:`rmlab.engine.reward_model.shared_prompt_scores`)."""
-        return reward_model.shared_prompt_scores(
+        (:func:`rmlab.engine.prefix_scores.shared_prompt_scores`)."""
+        return prefix_scores.shared_prompt_scores(
             model, groups, pad_id=pad_id, label=label, batch_tokens=batch_tokens,
             autocast_dtype=autocast_dtype, progress=progress, desc=desc,
         )
