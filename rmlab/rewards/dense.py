@@ -28,16 +28,8 @@ import pyarrow as pa
 
 from rmlab.cache import resolve_cache_dir, run_cached
 from rmlab.engine.batching import batch_budget, length_batches
-from rmlab.engine.reward_model import (
-    RewardInputs,
-    one_pass_problem,
-    position_scores,
-    prepare_reward_inputs,
-    reward_cache,
-    score_sequences,
-    shared_prompt_problem,
-    shared_prompt_scores,
-)
+from rmlab.engine.prefix_scores import one_pass_problem, position_scores, shared_prompt_problem, shared_prompt_scores
+from rmlab.engine.reward_model import RewardInputs, prepare_reward_inputs, reward_cache, score_sequences
 from rmlab.errors import ModelError, check_choice
 from rmlab.io.models import model_device
 from rmlab.io.tokenize import EncodedSequence, decode_tokens
