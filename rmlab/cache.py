@@ -167,6 +167,21 @@ def resolve_cache_dir(cache_dir, overwrite_cache):
     return cache_dir
 
 
+def atomic_write(path, write: Callable[[str], None]) -> Path:
+    """Write the file ``path`` whole or not at all: ``write(tmp)`` fills a temporary file beside it,
+    which is then renamed over ``path`` (atomic on one file system), so a reader never sees half a
+    file, even when the process is killed while writing. Returns ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}-{uuid.uuid4().hex}.tmp")
+    try:
+        write(str(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
 # --------------------------------------------------------------------------------------------------
 # the store
 # --------------------------------------------------------------------------------------------------
@@ -332,6 +347,7 @@ __all__ = [
     "CHUNK_ITEMS",
     "FLUSH_SECONDS",
     "ChunkCache",
+    "atomic_write",
     "compute_dtype",
     "fingerprint",
     "resolve_cache_dir",
