@@ -45,8 +45,8 @@ from rmlab.engine.grads import (
     restore_parameters,
     save_parameters,
     select_parameters,
-    token_gradient_products,
 )
+from rmlab.engine.token_grads import token_gradient_products
 from rmlab.engine.logprobs import logprobs_with_grad
 from rmlab.engine.pairs import PairInputs, check_beta, prepare_pair_inputs, run_logprobs
 from rmlab.engine.precision import autocast
