@@ -12,6 +12,7 @@ import torch
 
 import rmlab
 from rmlab.diagnostics import entanglement as ent
+from rmlab.diagnostics import similarity
 from rmlab.diagnostics.entanglement import (
     gradient_entanglement,
     gradient_similarity,
@@ -287,7 +288,7 @@ def test_realised_and_predicted_changes_equal_a_real_sgd_step(arch, with_referen
 def test_interrupted_realised_step_restores_weights(tok, monkeypatch):
     policy = tiny_causal_lm("gpt2", seed=2)
     before = {k: v.clone() for k, v in policy.state_dict().items()}
-    original, calls = ent._pair_logps_now, []
+    original, calls = ent.pair_logps_now, []
 
     def interrupted(inputs, i):
         calls.append(i)
@@ -295,7 +296,7 @@ def test_interrupted_realised_step_restores_weights(tok, monkeypatch):
             raise KeyboardInterrupt
         return original(inputs, i)
 
-    monkeypatch.setattr(ent, "_pair_logps_now", interrupted)
+    monkeypatch.setattr(ent, "pair_logps_now", interrupted)
     with pytest.raises(KeyboardInterrupt):
         gradient_entanglement(policy, make_pairs(4), tokenizer=tok, lr=1.0, realised=True, progress=False)
     assert len(calls) == 4
@@ -440,7 +441,7 @@ def test_errors_come_before_any_gradient(gpt2, tok, monkeypatch):
     too_long = [{"prompt": "Review: " + "the plot was slow " * 200, "chosen": " great", "rejected": " dull"}]
     with pytest.raises(rmlab.DataError, match="max_length"):
         gradient_entanglement(policy, too_long, **kw)
-    monkeypatch.setattr(ent, "EXACT_SIMILARITY_BYTES", 1000)
+    monkeypatch.setattr(similarity, "EXACT_SIMILARITY_BYTES", 1000)
     with pytest.raises(rmlab.ArgumentError, match="projection_dim"):
         gradient_similarity(policy, pairs, **kw)
     with pytest.raises(rmlab.DataError, match="gradient_similarity"):
