@@ -43,7 +43,8 @@ from rmlab.diagnostics import (
 )
 from rmlab.engine.sampling import SamplingInterrupted, completion_logprobs, sample
 from rmlab.io.pairs import load_pairs
-from rmlab.rewards.implicit import dpo_metrics, implicit_rewards, step_rewards, token_rewards
+from rmlab.rewards.implicit import dpo_metrics, implicit_rewards, token_rewards
+from rmlab.rewards.steps import step_rewards
 from rmlab.rewards.attribution import attribute_reward
 from rmlab.rewards.dense import dense_rewards
 from rmlab.rewards.scores import reward_scores

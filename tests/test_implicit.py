@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 import rmlab
 from rmlab.toy import tiny_causal_lm, tiny_tokenizer
-from tests.conftest import brute_force_logprobs, make_pairs
+from tests.conftest import brute_force_logprobs, hand_tokenise, make_pairs
+from tests.trl_reference import trl_tokenised
 
 TRL_METRICS = [
     "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
@@ -256,8 +257,94 @@ def test_truncated_pairs_are_reported_not_dropped(policy, reference, tok, pairs)
     long_prompt = [{"prompt": "Review: " + "the plot was slow " * 10, "chosen": " great", "rejected": " dull"}]
     f = rmlab.implicit_rewards(policy, reference, long_prompt, tokenizer=tok, max_length=12, progress=False)
     assert bool(f["truncated"].iloc[0]) and f["tokens_chosen"].iloc[0] == 0
-    assert np.isnan(f["reward_chosen"].iloc[0]) and not bool(f["correct"].iloc[0])
+    assert np.isnan(f["reward_chosen"].iloc[0]) and f["correct"].iloc[0] is pd.NA
     assert rmlab.dpo_metrics(f)["truncated"] == 1.0
+
+
+# --------------------------------------------------------------------------------------------------
+# pairs whose responses are truncated to nothing (keep_start, a prompt that fills max_length)
+# --------------------------------------------------------------------------------------------------
+LONG_PROMPT = {"prompt": "Review: " + "the plot was slow and " * 6, "chosen": " great", "rejected": " dull and long"}
+
+
+def emptied_case(tok):
+    """Pairs none of which max_length cuts, and a last one whose prompt alone fills it."""
+    pairs = make_pairs(6, seed=5) + [dict(LONG_PROMPT)]
+    max_length = max(len(ids) for row in pairs[:-1] for ids, _ in hand_tokenise(tok, row).values())
+    assert len(tok(LONG_PROMPT["prompt"])["input_ids"]) >= max_length
+    return pairs, max_length
+
+
+@pytest.mark.filterwarnings("ignore::rmlab.errors.DataWarning")  # the data is bad on purpose here
+def test_pair_without_response_has_no_result_and_metrics_equal_trl(tmp_path, tok, policy, reference):
+    """No scored token: NaN rewards, margin and loss, and ``correct`` NA (not False). TRL 1.16 drops
+    the pair before evaluating, and dpo_metrics leaves it out the same way."""
+    pairs, max_length = emptied_case(tok)
+    frame = rmlab.implicit_rewards(policy, reference, pairs, tokenizer=tok, max_length=max_length, progress=False)
+    last = frame.iloc[-1]
+    assert last["tokens_chosen"] == last["tokens_rejected"] == 0 and bool(last["truncated"])
+    assert np.isnan(last["margin"]) and np.isnan(last["loss"]) and np.isnan(last["reward_chosen"])
+    assert frame["correct"].iloc[-1] is pd.NA and frame["correct"].iloc[:-1].notna().all()
+    assert not frame["truncated"].iloc[:-1].any()
+    expected = trl_eval_metrics(policy, reference, tok, pairs, 0.1, tmp_path, max_length=max_length)
+    got = rmlab.dpo_metrics(frame)
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, abs=2e-5, rel=1e-5), key
+    assert got["pairs"] == len(pairs) and got["pairs_scored"] == len(pairs) - 1
+
+
+@pytest.mark.filterwarnings("ignore::rmlab.errors.DataWarning")  # the data is bad on purpose here
+def test_empty_responses_zero_equals_trl_loss_on_the_pair(tmp_path, tok, policy, reference):
+    """``empty_responses="zero"``: what TRL's loss computes when the pair reaches it (its keep_start
+    filter bypassed: TRL's own tokenize_fn, collator and compute_loss on all pairs in one batch), and
+    by hand: the empty pair adds reward 0, margin 0, accuracy 0 and loss log 2 to the means of the
+    brute-force values of the other pairs."""
+    trl, datasets = pytest.importorskip("trl"), pytest.importorskip("datasets")
+    beta = 0.1
+    pairs, max_length = emptied_case(tok)
+    frame = rmlab.implicit_rewards(policy, reference, pairs, tokenizer=tok, beta=beta, max_length=max_length,
+                                   progress=False)
+    got = rmlab.dpo_metrics(frame, empty_responses="zero")
+    assert got["pairs_scored"] == len(pairs)
+
+    examples = trl_tokenised(tok, pairs, tmp_path)  # max_length only in the collator: nothing dropped
+    assert len(examples) == len(pairs)
+    # after trl_tokenised: a new TrainingArguments resets the accelerator state a trainer holds
+    args = trl.DPOConfig(
+        output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False, beta=beta, max_length=max_length,
+        dataset_num_proc=None,
+    )
+    trainer = trl.DPOTrainer(model=policy, ref_model=reference, args=args, processing_class=tok,
+                             train_dataset=datasets.Dataset.from_list(pairs))
+    batch = trainer.data_collator(examples)
+    assert batch["completion_mask"][[len(pairs) - 1, 2 * len(pairs) - 1]].sum() == 0
+    trainer.model.eval()
+    with torch.no_grad():
+        loss = float(trainer.compute_loss(trainer.model, batch))
+    logged = {key: values[-1] for key, values in trainer._metrics["eval"].items()}
+    assert got["loss"] == pytest.approx(loss, abs=2e-5, rel=1e-5)
+    for key in TRL_METRICS:
+        assert got[key] == pytest.approx(logged[key], abs=2e-5, rel=1e-5), key
+
+    pol, ref = brute_force_logprobs(policy, tok, pairs[:-1]), brute_force_logprobs(reference, tok, pairs[:-1])
+    rewards = {s: beta * np.array([p[s].sum() - r[s].sum() for p, r in zip(pol, ref)]) for s in ("chosen", "rejected")}
+    margin = rewards["chosen"] - rewards["rejected"]
+    n = len(pairs)
+    by_hand = {
+        "rewards/chosen": rewards["chosen"].sum() / n,
+        "rewards/margins": margin.sum() / n,
+        "rewards/accuracies": (margin > 0).sum() / n,
+        "logps/chosen": sum(p["chosen"].sum() for p in pol) / n,
+        "loss": (-F.logsigmoid(torch.tensor(margin, dtype=torch.float64)).sum().item() + np.log(2)) / n,
+    }
+    for key, value in by_hand.items():
+        assert got[key] == pytest.approx(value, abs=1e-4 if key.startswith("logps") else 1e-5), key
+
+
+def test_empty_responses_is_checked(tok, policy, reference):
+    frame = rmlab.implicit_rewards(policy, reference, make_pairs(2), tokenizer=tok, progress=False)
+    with pytest.raises(rmlab.ArgumentError, match="empty_responses"):
+        rmlab.dpo_metrics(frame, empty_responses="nan")
 
 
 def test_models_load_from_local_paths(tmp_path, policy, reference, tok, pairs):

@@ -451,15 +451,14 @@ def test_truncation_lengths_flags_and_kept_tokens(mode):
                 f, c = getattr(f_pair, side), getattr(c_pair, side)
                 assert len(c.ids) == min(len(f.ids), max_length)
                 assert c.response_tokens_full == f.n_response == len(f.ids) - f.start
+                # truncated exactly when a token is lost: the response's end, or the prompt's start
+                assert c.truncated == (len(f.ids) > max_length)
                 if mode == "keep_start":
                     assert c.ids == f.ids[:max_length]
-                    assert c.truncated == (len(f.ids) > max_length)
                     assert c.response_ids == f.response_ids[: c.n_response]
                 else:
                     assert c.ids == f.ids[-max_length:]
                     assert c.response_ids == f.response_ids[len(f.response_ids) - c.n_response :]
-                    # truncated exactly when a scored response token is lost
-                    assert c.truncated == (c.n_response < f.n_response)
                 assert 1 <= c.start <= len(c.ids)
         if max_length == lengths[-1]:
             assert not any(p.truncated for p in cut) and cut == full
@@ -478,9 +477,10 @@ def test_prompt_longer_than_max_length():
         assert seq.truncated and seq.n_response == 0 and seq.response_ids == ()
         assert len(seq.ids) == max_length
     assert start.truncated
-    # keep_end keeps the end of the response: "great"+EOS fits whole, the long rejected is cut
+    # keep_end keeps the end of the response: "great"+EOS fits whole (its prompt lost its start, so
+    # it is truncated too), the long rejected is cut
     end = encode_pairs(pairs, tok, max_length=max_length, truncation_mode="keep_end")[0]
-    assert end.chosen.response_ids == full.chosen.response_ids and not end.chosen.truncated
+    assert end.chosen.response_ids == full.chosen.response_ids and end.chosen.truncated
     assert end.rejected.response_ids == full.rejected.response_ids[-(max_length - 1) :]
     assert end.rejected.truncated and end.truncated
 

@@ -113,6 +113,20 @@ def test_pair_table_escapes_and_needs_pairs(rewards):
         W.PairTable(rewards, columns=["margn"])
 
 
+def test_pair_table_filters_leave_out_pairs_without_result(rewards):
+    """A pair whose response was truncated to nothing (``correct`` NA) is neither correct nor wrong."""
+    frame = rewards.copy()
+    frame["correct"] = frame["correct"].astype("boolean")
+    frame.loc[0, ["margin", "correct"]] = [np.nan, pd.NA]
+    table = W.PairTable(frame)
+    for value, wanted in (("correct", True), ("wrong", False)):
+        table.correct.value = value
+        expected = {int(p) for p, c in zip(rewards["pair"], rewards["correct"]) if bool(c) == wanted} - {0}
+        assert {p for _, p in table.list.options} == expected, value
+    table.correct.value = "all"
+    assert 0 in {p for _, p in table.list.options}
+
+
 def test_token_viewer_modes_and_selection(world, held):
     sel = W.Selection()
     viewer = W.TokenRewardViewer(held, policy=world.dpo[0.1], reference=world.sft, reward_model=world.reward_models[0],

@@ -8,11 +8,21 @@ training logs:
   special-token rules (a BOS is added once, as the tokenizer does, never doubled);
 - conversations: the chat template is applied to the prompt with the generation prompt, and to
   prompt + completion without it; no EOS is appended (the template closes the turn);
-- the completion starts where the ids of the prompt and of prompt+completion diverge (the minimum
-  over chosen and rejected), which also covers tokens that merge across the boundary;
+- the completion starts where the ids of the prompt and of prompt+completion diverge, one start for
+  both sides: the minimum over chosen and rejected, as TRL 1.16's ``tokenize_fn`` takes it
+  (``prompt_len = min(common_prefix_length(...), ...)``). When a token merges across the
+  prompt/response boundary on one side only (a prompt ending in ``" "`` or mid-word, one response
+  continuing it), the other side's scored span therefore begins with the prompt's last token(s),
+  exactly as TRL trains and logs it; both sides keep one shared context, so the DPO margin compares
+  log-probs of the same prompt prefix;
 - ``max_length`` truncates prompt+completion per sequence (``keep_start`` keeps the beginning,
-  ``keep_end`` the end). A pair whose response loses tokens is marked ``truncated``, never dropped;
-  responses cut to nothing are counted in one :class:`~rmlab.errors.DataWarning`.
+  ``keep_end`` the end), as TRL's ``DataCollatorForPreference`` slices ids and completion mask. A
+  sequence that loses any token is marked ``truncated`` (TRL keeps no such flag): with
+  ``keep_start`` the end of its response, with ``keep_end`` the start of its prompt (its BOS first),
+  and past the prompt the start of its response, so its log-probs are taken in a shorter context
+  than the untruncated pair's. Pairs are never dropped (TRL 1.16 drops, for ``keep_start``, the
+  pairs whose prompt fills ``max_length``); responses cut to nothing are counted in one
+  :class:`~rmlab.errors.DataWarning`.
 """
 
 from __future__ import annotations
@@ -38,7 +48,7 @@ class EncodedSequence:
     ids: tuple[int, ...]
     start: int
     response_tokens_full: int  # response length before truncation
-    truncated: bool
+    truncated: bool  # max_length cut any token (of the response, or with keep_end of the prompt)
 
     @property
     def response_ids(self) -> tuple[int, ...]:
@@ -77,9 +87,9 @@ def _truncate(full: list[int], prompt_len: int, max_length: int | None, mode: st
     if max_length is not None and len(full) > max_length:
         if mode == "keep_start":
             ids, start, truncated = full[:max_length], min(prompt_len, max_length), True
-        else:  # keep_end: the prompt is cut from the left; the response loses tokens only past it
+        else:  # keep_end: the prompt (BOS first) is cut from the left, then the response's start
             cut = len(full) - max_length
-            ids, start, truncated = full[cut:], max(prompt_len - cut, 0), cut >= prompt_len
+            ids, start, truncated = full[cut:], max(prompt_len - cut, 0), True
     # position 0 has no context to be predicted from (TRL drops it from the completion mask too)
     return EncodedSequence(tuple(ids), max(start, 1), response_full, truncated)
 

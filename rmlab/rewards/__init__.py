@@ -3,7 +3,8 @@ and attributions of either kind of reward to input tokens."""
 
 from rmlab.rewards.attribution import attribute_reward
 from rmlab.rewards.dense import dense_rewards
-from rmlab.rewards.implicit import dpo_metrics, implicit_rewards, step_rewards, token_rewards
+from rmlab.rewards.implicit import dpo_metrics, implicit_rewards, token_rewards
+from rmlab.rewards.steps import step_rewards
 from rmlab.rewards.scores import reward_scores
 
 __all__ = [

@@ -1,4 +1,4 @@
-"""Implicit DPO rewards: per pair, per token and per reasoning step.
+"""Implicit DPO rewards: per pair and per token (per reasoning step: :mod:`rmlab.rewards.steps`).
 
 A policy trained by DPO defines a reward through its log-ratio to the reference
 (Rafailov et al. 2023, "Direct Preference Optimization: Your Language Model is Secretly a Reward
@@ -17,9 +17,6 @@ Numbers match TRL's ``DPOTrainer`` logs for the same models and data.
 
 from __future__ import annotations
 
-import bisect
-import re
-
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -36,8 +33,7 @@ from rmlab.cache import (
 from rmlab.engine.batching import default_batch_tokens, length_batches
 from rmlab.engine.logprobs import token_logprobs
 from rmlab.engine.pairs import PairInputs, PairLogprobs, check_beta, pair_logprobs, prepare_pair_inputs
-from rmlab.errors import ArgumentError, DataError
-from rmlab.io.pairs import read_table
+from rmlab.errors import ArgumentError, DataError, check_choice
 from rmlab.io.tokenize import decode_tokens
 
 _SIDES = ("chosen", "rejected")
@@ -136,6 +132,13 @@ def _sum(values: np.ndarray) -> float:
     return float(values.sum(dtype=np.float64)) if len(values) else float("nan")
 
 
+def _greater(margin: np.ndarray) -> pd.arrays.BooleanArray:
+    """``margin > 0`` as a nullable boolean: NA where the margin is NaN (no response token scored)."""
+    missing = np.isnan(margin)
+    with np.errstate(invalid="ignore"):
+        return pd.arrays.BooleanArray(np.where(missing, False, margin > 0), missing)
+
+
 def implicit_rewards(
     policy,
     reference,
@@ -160,9 +163,9 @@ def implicit_rewards(
 
     Follows Rafailov et al. 2023 (DPO): ``reward = beta * (log pi(y|x) - log pi_ref(y|x))``, summed
     over response tokens; ``margin = reward_chosen - reward_rejected``; ``correct = margin > 0``
-    (strict, as TRL); ``loss = -log sigmoid(margin)``. ``reference_free=True`` scores
-    ``beta * log pi(y|x)``; ``length_normalize=True`` divides by the response length (SimPO, Meng et al.
-    2024, when reference-free).
+    (strict, as TRL; a nullable boolean, NA where the margin is NaN); ``loss = -log sigmoid(margin)``.
+    ``reference_free=True`` scores ``beta * log pi(y|x)``; ``length_normalize=True`` divides by the
+    response length (SimPO, Meng et al. 2024, when reference-free).
 
     Args:
         policy: the DPO-trained model: a ``PreTrainedModel`` or a hub name / local path.
@@ -171,8 +174,8 @@ def implicit_rewards(
             .parquet/.csv path) with ``prompt``, ``chosen``, ``rejected``, as text or chat messages.
         tokenizer: the tokenizer of both models (loaded from the policy's path if None).
         beta: DPO's KL coefficient (> 0).
-        max_length: truncate prompt+response to this many tokens; affected pairs get
-            ``truncated=True``.
+        max_length: truncate prompt+response to this many tokens; pairs that lose any token (of a
+            response, or with ``keep_end`` of the prompt) get ``truncated=True``.
         truncation_mode: ``"keep_start"`` (TRL's default) or ``"keep_end"``.
         add_eos: append EOS to plain-text responses that lack it (TRL's default).
         batch_tokens: padded tokens per forward pass (default 2048 on CPU, 32768 on CUDA).
@@ -196,7 +199,10 @@ def implicit_rewards(
         ``ref_logps_rejected`` (NaN when reference-free), ``reward_chosen``, ``reward_rejected``,
         ``margin``, ``correct``, ``loss``, ``tokens_chosen``, ``tokens_rejected`` (scored response
         tokens), ``prompt_tokens``, ``truncated``, then ``prompt``, ``chosen``, ``rejected`` and every
-        other column of the input. A response truncated to nothing has NaN log-probs and rewards.
+        other column of the input. A response truncated to nothing (its prompt fills ``max_length``)
+        has no scored token: NaN log-probs and rewards, so NaN ``margin`` and ``loss`` and NA
+        ``correct``, never a number that claims a result (TRL 1.16 drops such pairs before training;
+        :func:`dpo_metrics` leaves them out the same way, or scores them as older TRL did).
 
     Example:
         >>> import rmlab
@@ -250,7 +256,7 @@ def implicit_rewards(
          "reward_chosen", "reward_rejected", "tokens_chosen", "tokens_rejected"]
     ]
     frame.insert(7, "margin", frame["reward_chosen"] - frame["reward_rejected"])
-    frame.insert(8, "correct", frame["reward_chosen"] > frame["reward_rejected"])
+    frame.insert(8, "correct", _greater(frame["margin"].to_numpy()))
     with np.errstate(invalid="ignore"):  # NaN margins (responses truncated to nothing) stay NaN
         frame.insert(9, "loss", np.logaddexp(0.0, -frame["margin"].to_numpy()))  # -log sigmoid(margin)
     frame["prompt_tokens"] = [p.prompt_tokens for p in lp.encoded]
@@ -263,31 +269,57 @@ def implicit_rewards(
     return frame
 
 
-def dpo_metrics(frame: pd.DataFrame) -> pd.Series:
+def dpo_metrics(frame: pd.DataFrame, *, empty_responses: str = "drop") -> pd.Series:
     """The aggregate metrics TRL's ``DPOTrainer`` logs, from an :func:`implicit_rewards` frame.
 
-    Returns a Series with ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``,
-    ``rewards/accuracies``, ``logps/chosen``, ``logps/rejected`` and ``loss`` (means over pairs,
-    as TRL computes them for one evaluation batch), plus ``pairs`` (count) and ``truncated``
-    (fraction of pairs with a truncated response). Pairs whose response was truncated to nothing
-    (NaN) are left out of the means.
+    Follows TRL's ``DPOTrainer`` (its sigmoid loss, Rafailov et al. 2023): ``rewards/chosen``,
+    ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies`` (share of pairs with
+    ``reward_chosen > reward_rejected``), ``logps/chosen``, ``logps/rejected`` and ``loss``
+    (``-log sigmoid(margin)``), means over pairs as TRL computes them for one evaluation batch; then
+    ``pairs`` (rows of the frame), ``pairs_scored`` (the pairs in those means) and ``truncated``
+    (share of pairs that lost tokens to ``max_length``).
+
+    Args:
+        frame: a frame from :func:`implicit_rewards`.
+        empty_responses: what to do with a pair whose response was truncated to nothing (with
+            ``keep_start``, a prompt that fills ``max_length``; NaN rewards in the frame).
+            ``"drop"`` (default) leaves it out of the means, as TRL 1.16 does: it drops such pairs
+            from the dataset before training and evaluation, so its logs are means over the same
+            pairs. ``"zero"`` scores it as TRL's loss does when such a pair reaches it (TRL before
+            that filter, or a custom collator): the log-prob sum over no token is 0, so the empty
+            side's reward is 0, a pair empty on both sides has margin 0 and loss ``log 2``, and a
+            tie counts as not accurate.
     """
+    check_choice("empty_responses", empty_responses, ("drop", "zero"))
     needed = ["reward_chosen", "reward_rejected", "margin", "correct", "logps_chosen", "logps_rejected"]
     missing = [c for c in needed if c not in frame.columns]
     if missing:
         raise DataError(f"dpo_metrics needs a frame from rmlab.implicit_rewards; it lacks {missing}.")
-    valid = frame["margin"].notna()
-    f = frame[valid]
+    if empty_responses == "drop":
+        f = frame[frame["margin"].notna()]
+        rewards = {side: f[f"reward_{side}"].to_numpy(np.float64) for side in _SIDES}
+        logps = {side: f[f"logps_{side}"].to_numpy(np.float64) for side in _SIDES}
+        correct = f["correct"].astype(float).to_numpy()
+    else:
+        rewards, logps = {}, {}
+        for side in _SIDES:
+            count = f"tokens_{side}"
+            empty = (frame[count] == 0) if count in frame else frame[f"reward_{side}"].isna()
+            rewards[side] = frame[f"reward_{side}"].mask(empty, 0.0).to_numpy(np.float64)
+            logps[side] = frame[f"logps_{side}"].mask(empty, 0.0).to_numpy(np.float64)
+        correct = (rewards["chosen"] > rewards["rejected"]).astype(float)
+    margin = rewards["chosen"] - rewards["rejected"]
     return pd.Series(
         {
-            "rewards/chosen": f["reward_chosen"].mean(),
-            "rewards/rejected": f["reward_rejected"].mean(),
-            "rewards/margins": f["margin"].mean(),
-            "rewards/accuracies": f["correct"].astype(float).mean(),
-            "logps/chosen": f["logps_chosen"].mean(),
-            "logps/rejected": f["logps_rejected"].mean(),
-            "loss": f["loss"].mean() if "loss" in f else np.nan,
+            "rewards/chosen": np.mean(rewards["chosen"]) if len(margin) else np.nan,
+            "rewards/rejected": np.mean(rewards["rejected"]) if len(margin) else np.nan,
+            "rewards/margins": np.mean(margin) if len(margin) else np.nan,
+            "rewards/accuracies": np.mean(correct) if len(margin) else np.nan,
+            "logps/chosen": np.mean(logps["chosen"]) if len(margin) else np.nan,
+            "logps/rejected": np.mean(logps["rejected"]) if len(margin) else np.nan,
+            "loss": np.mean(np.logaddexp(0.0, -margin)) if len(margin) else np.nan,  # -log sigmoid(margin)
             "pairs": float(len(frame)),
+            "pairs_scored": float(len(margin)),
             "truncated": float(frame["truncated"].mean()) if "truncated" in frame else 0.0,
         },
         name="dpo_metrics",
@@ -295,7 +327,7 @@ def dpo_metrics(frame: pd.DataFrame) -> pd.Series:
 
 
 def _token_table(lp: PairLogprobs, beta: float, reference_free: bool) -> pd.DataFrame:
-    """The long per-token frame shared by :func:`token_rewards` and :func:`step_rewards`."""
+    """The long per-token frame shared by :func:`token_rewards` and :func:`rmlab.step_rewards`."""
     parts = []
     for i, pair in enumerate(lp.encoded):
         for side in _SIDES:
@@ -352,7 +384,7 @@ def token_rewards(
     Follows Rafailov et al. 2024 ("From r to Q*: Your Language Model is Secretly a Q-Function"):
     a DPO policy's log-ratio at each token is a dense reward whose sum is the sequence reward of
     :func:`implicit_rewards`. Arguments as in :func:`implicit_rewards` (``cache_dir`` caches the
-    per-token log-probs, shared with :func:`implicit_rewards` and :func:`step_rewards`).
+    per-token log-probs, shared with :func:`implicit_rewards` and :func:`rmlab.step_rewards`).
 
     Returns:
         One row per scored response token: ``pair``, ``side`` ("chosen"/"rejected"), ``position``
@@ -369,119 +401,4 @@ def token_rewards(
     )
     frame = _token_table(lp, beta, reference_free)
     frame.attrs.update(beta=beta, reference_free=reference_free)
-    return frame
-
-
-def _join_steps(data, delimiter: str):
-    """Rows whose chosen/rejected are lists of step strings become one text joined by ``delimiter``."""
-    frame = read_table(data)
-    for column in _SIDES:
-        if column in frame.columns:
-            frame[column] = [
-                delimiter.join(v) if isinstance(v, (list, tuple)) and v and all(isinstance(s, str) for s in v)
-                else v
-                for v in frame[column]
-            ]
-    return frame
-
-
-class _PrefixLengths:
-    """``len(decode(ids[:k + 1]))`` for each k, decoded lazily (bisect reads only O(log T) of them)."""
-
-    def __init__(self, tokenizer, ids):
-        self.tokenizer, self.ids, self.cache = tokenizer, list(ids), {}
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, k):
-        if k not in self.cache:
-            self.cache[k] = len(self.tokenizer.decode(self.ids[: k + 1]))
-        return self.cache[k]
-
-
-def _step_ends(tokenizer, ids, delimiter: str) -> list[int]:
-    """Index of the last token of each step, by where ``delimiter`` falls in the decoded response."""
-    text = tokenizer.decode(list(ids))
-    bounds = [m.end() for m in re.finditer(re.escape(delimiter), text)]
-    bounds = [b for b in bounds if b < len(text.rstrip())]  # a trailing delimiter ends no new step
-    lengths = _PrefixLengths(tokenizer, ids)
-    ends: list[int] = []
-    for b in bounds:
-        k = bisect.bisect_left(lengths, b)  # first token whose decoded prefix reaches the boundary
-        if k < len(ids) - 1 and (not ends or k > ends[-1]):
-            ends.append(k)
-    ends.append(len(ids) - 1)
-    return ends
-
-
-def step_rewards(
-    policy,
-    reference,
-    data,
-    *,
-    delimiter: str = "\n\n",
-    tokenizer=None,
-    beta: float = 0.1,
-    reference_free: bool = False,
-    max_length: int | None = None,
-    truncation_mode: str = "keep_start",
-    add_eos: bool = True,
-    batch_tokens: int | None = None,
-    device="auto",
-    dtype="auto",
-    progress: bool = True,
-    cache_dir=None,
-    overwrite_cache: bool = False,
-    **kwargs,
-) -> pd.DataFrame:
-    """Process (step) rewards of an implicit PRM.
-
-    Follows Yuan et al. 2024 ("Free Process Rewards without Process Labels") as used by PRIME
-    (Cui et al. 2025): with ``q_t = sum_{i<=t} beta * log(pi/pi_ref)(y_i)``, the reward of a step that
-    ends at token ``t`` is ``q_t - q_{t_prev}``, and ``q_t`` is the step's value. Steps are the pieces
-    of a response between occurrences of ``delimiter``, or given directly: ``chosen`` / ``rejected``
-    may be lists of step strings (joined with ``delimiter`` for the model).
-
-    Other arguments as in :func:`implicit_rewards`.
-
-    Returns:
-        One row per step: ``pair``, ``side``, ``step`` (0-based), ``text`` (decoded step),
-        ``tokens``, ``reward`` (sum of token rewards in the step), ``value`` (cumulative reward at the
-        step's end) and ``min_step_reward`` (the response's smallest step reward, a common process
-        score). Summing ``reward`` per pair and side gives the sequence reward.
-    """
-    beta = check_beta(beta)
-    if not isinstance(delimiter, str) or not delimiter:
-        raise ArgumentError(f"delimiter={delimiter!r} must be a non-empty string, e.g. '\\n\\n'.")
-    lp = _run(
-        policy, reference, _join_steps(data, delimiter), reference_free=reference_free,
-        tokenizer=tokenizer, max_length=max_length, truncation_mode=truncation_mode, add_eos=add_eos,
-        batch_tokens=batch_tokens, device=device, dtype=dtype, progress=progress, cache_dir=cache_dir,
-        overwrite_cache=overwrite_cache, **kwargs,
-    )
-    tokens = _token_table(lp, beta, reference_free)
-    rows = []
-    for (i, side), group in tokens.groupby(["pair", "side"], sort=True, observed=True):
-        ids = group["token_id"].to_numpy()
-        rewards = group["reward"].to_numpy()
-        ends = _step_ends(lp.tokenizer, ids, delimiter)
-        begin = 0
-        for step, end in enumerate(ends):
-            rows.append(
-                {
-                    "pair": i,
-                    "side": side,
-                    "step": step,
-                    "text": lp.tokenizer.decode(ids[begin : end + 1].tolist()),
-                    "tokens": end + 1 - begin,
-                    "reward": float(rewards[begin : end + 1].sum()),
-                    "value": float(rewards[: end + 1].sum()),
-                }
-            )
-            begin = end + 1
-    frame = pd.DataFrame(rows)
-    frame["min_step_reward"] = frame.groupby(["pair", "side"], observed=True)["reward"].transform("min")
-    frame["side"] = pd.Categorical(frame["side"], categories=list(_SIDES))
-    frame.attrs.update(beta=beta, reference_free=reference_free, delimiter=delimiter)
     return frame

@@ -116,8 +116,8 @@ class PairTable(Explorer):
             at_edge = (lo <= slider.min) and (hi >= slider.max)
             keep &= ((values >= lo) & (values <= hi)) | (at_edge & ~np.isfinite(values))
         if self.correct is not None and self.correct.value != "all":
-            correct = f["correct"].astype(bool).to_numpy()
-            keep &= correct if self.correct.value == "correct" else ~correct
+            # a pair without a result (NA: a response truncated to nothing) is neither correct nor wrong
+            keep &= f["correct"].eq(self.correct.value == "correct").fillna(False).to_numpy(dtype=bool)
         return f[keep].sort_values(self.sort_by.value, ascending=not self.descending.value, kind="stable")
 
     def refresh(self) -> None:
