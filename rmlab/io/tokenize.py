@@ -16,11 +16,11 @@ training logs:
   exactly as TRL trains and logs it; both sides keep one shared context, so the DPO margin compares
   log-probs of the same prompt prefix;
 - ``max_length`` truncates prompt+completion per sequence (``keep_start`` keeps the beginning,
-  ``keep_end`` the end), as TRL's ``DataCollatorForPreference`` slices ids and completion mask. A
-  sequence that loses any token is marked ``truncated`` (TRL keeps no such flag): with
-  ``keep_start`` the end of its response, with ``keep_end`` the start of its prompt (its BOS first),
-  and past the prompt the start of its response, so its log-probs are taken in a shorter context
-  than the untruncated pair's. Pairs are never dropped (TRL 1.16 drops, for ``keep_start``, the
+  ``keep_end`` the end; TRL 1.16 deprecates it), as TRL's ``DataCollatorForPreference`` slices ids
+  and completion mask. A sequence that loses any token is marked ``truncated`` (TRL keeps no such
+  flag): with ``keep_start`` the end of its response, with ``keep_end`` the start of its prompt (its
+  BOS first), and past the prompt the start of its response, so its log-probs are taken in a
+  shorter context than the untruncated pair's. Pairs are never dropped (TRL 1.16 drops, for ``keep_start``, the
   pairs whose prompt fills ``max_length``); responses cut to nothing are counted in one
   :class:`~rmlab.errors.DataWarning`.
 """
