@@ -45,8 +45,8 @@ from rmlab.diagnostics.pair_gradients import (
     pair_logps_now,
     prepared_pairs,
     reference_sums,
-    with_pair_columns,
 )
+from rmlab.diagnostics.pair_frames import pair_columns
 from rmlab.diagnostics.similarity import EXACT_SIMILARITY_BYTES, gradient_similarity, similarity_matrix
 from rmlab.engine.pairs import check_beta
 from rmlab.engine.param_selection import ModelState, add_to_parameters, restore_parameters, save_parameters
@@ -227,7 +227,7 @@ def gradient_entanglement(
     if realised:
         frame["real_delta_chosen"] = real[:, 0]
         frame["real_delta_rejected"] = real[:, 1]
-    frame = with_pair_columns(frame, inputs)
+    frame = pair_columns(frame, inputs, prompt_tokens=True)
     frame.attrs.update(
         beta=beta, lr=lr, loss_weight=weighting, params=selection.describe(), num_params=selection.numel,
         projection_dim=k, seed=int(seed) if k is not None else None, projected=k is not None, method=used,

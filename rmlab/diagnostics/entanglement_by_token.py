@@ -12,7 +12,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from rmlab.diagnostics.pair_gradients import SIDES, prepared_pairs
+from rmlab.diagnostics.pair_frames import SIDES
+from rmlab.diagnostics.pair_gradients import prepared_pairs
 from rmlab.engine.param_selection import ModelState
 from rmlab.engine.token_grads import token_gradient_products
 from rmlab.io.tokenize import decode_tokens

@@ -15,10 +15,10 @@ import math
 import numbers
 
 import numpy as np
-import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from rmlab.diagnostics.pair_frames import response_sums
 from rmlab.engine.grads import GRAD_BYTES, SequenceGradients, gradient_batches
 from rmlab.engine.logprobs import logprobs_with_grad
 from rmlab.engine.pairs import PairInputs, prepare_pair_inputs, run_logprobs
@@ -28,8 +28,6 @@ from rmlab.engine.projection import RandomProjection
 from rmlab.errors import ArgumentError, check_choice
 from rmlab.options import Options
 
-#: The two responses of a pair, in the order of their rows.
-SIDES = ("chosen", "rejected")
 #: Accepted values of ``loss_weight``.
 WEIGHTINGS = ("auto", "dpo", "none")
 
@@ -108,9 +106,7 @@ def reference_sums(inputs: PairInputs, progress: bool) -> np.ndarray:
     n = len(inputs.encoded)
     if inputs.reference is None:
         return np.full((n, 2), np.nan)
-    values = run_logprobs(inputs, inputs.reference, "reference", progress=progress)
-    sums = [float(v.sum(dtype=np.float64)) if len(v) else np.nan for v in values]
-    return np.asarray(sums, dtype=np.float64).reshape(n, 2)
+    return response_sums(run_logprobs(inputs, inputs.reference, "reference", progress=progress)).reshape(n, 2)
 
 
 def loss_weights(logps: np.ndarray, ref: np.ndarray, beta: float, weighting: str) -> tuple[np.ndarray, np.ndarray]:
@@ -191,12 +187,3 @@ def gradient_pass(
     finally:
         bar.close()
     return engine.method_used
-
-
-def with_pair_columns(frame: pd.DataFrame, inputs: PairInputs) -> pd.DataFrame:
-    """``frame`` (one row per pair) with the pairs' token counts, truncation flags and input columns."""
-    frame["tokens_chosen"] = [p.chosen.n_response for p in inputs.encoded]
-    frame["tokens_rejected"] = [p.rejected.n_response for p in inputs.encoded]
-    frame["prompt_tokens"] = [p.prompt_tokens for p in inputs.encoded]
-    frame["truncated"] = [p.truncated for p in inputs.encoded]
-    return pd.concat([frame, inputs.pairs.reset_index(drop=True)], axis=1)
