@@ -13,7 +13,6 @@ be without the callback (``tests/test_trl_callback.py`` compares the losses).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +20,14 @@ import pandas as pd
 import torch
 from transformers import TrainerCallback
 
-from rmlab.diagnostics.displacement import _pair_hidden, ches_from_sums
+from rmlab.cache import atomic_write
+from rmlab.diagnostics.ches_scores import ches_from_sums, pair_hidden_states
 from rmlab.diagnostics.entanglement import gradient_entanglement
+from rmlab.diagnostics.pair_frames import pair_columns, response_sums
 from rmlab.engine.pairs import PairInputs, check_beta, prepare_pair_inputs, run_logprobs
 from rmlab.errors import ArgumentError
 from rmlab.io.pairs import load_pairs
+from rmlab.options import Options, resolve_options
 
 #: File name of the diagnostics frame, written in the run's output directory.
 FILE_NAME = "rmlab_diagnostics.parquet"
@@ -34,10 +36,6 @@ FILE_NAME = "rmlab_diagnostics.parquet"
 _ENTANGLEMENT_COLUMNS = (
     "grad_sq_chosen", "grad_sq_rejected", "grad_inner", "grad_cosine", "chosen_falls", "rejected_rises",
 )
-
-
-def _sums(values: list[np.ndarray]) -> np.ndarray:
-    return np.array([float(v.sum(dtype=np.float64)) if len(v) else float("nan") for v in values])
 
 
 def _unwrap(trainer, model):
@@ -55,7 +53,8 @@ class DiagnosticsCallback(TrainerCallback):
     Follows Razin et al. 2024 ("Unintentional Unalignment", arXiv 2410.08847) for CHES / LN-CHES
     (see :func:`rmlab.ches`) and Rafailov et al. 2023 (DPO) for the implicit rewards
     ``beta * (log pi(y|x) - log pi_ref(y|x))`` (see :func:`rmlab.implicit_rewards`); pairs are
-    tokenised as the trainer does (its ``max_length`` and ``truncation_mode``).
+    tokenised as the trainer does (its ``max_length`` and ``truncation_mode``, which override those of
+    ``options``).
 
     The reference comes from, in order: ``reference=`` given here; the trainer's ``ref_model`` after
     :meth:`attach`; or, for a trainer without one (``precompute_ref_log_probs=True`` with full
@@ -80,6 +79,10 @@ class DiagnosticsCallback(TrainerCallback):
         entanglement_params: the parameters those gradients are taken over (``params`` of
             :func:`rmlab.gradient_entanglement`; all trainable parameters by default).
         batch_tokens: padded tokens per forward pass of the probe computations.
+        options: the other settings of the probe computations as one :class:`rmlab.Options`
+            (``runner``, ``dtype``, ``add_eos``, ``chat_template_kwargs``, ...; ``tokenizer`` and
+            ``batch_tokens`` given here override its fields, and the trainer's ``max_length`` and
+            ``truncation_mode`` always do).
 
     Example:
         >>> from rmlab.integrations import DiagnosticsCallback
@@ -106,22 +109,22 @@ class DiagnosticsCallback(TrainerCallback):
         entanglement: bool = False,
         entanglement_params=None,
         batch_tokens: int | None = None,
+        options: Options | None = None,
     ):
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ArgumentError(f"every={every!r} must be an integer >= 1 (record every this many optimiser steps).")
-        if batch_tokens is not None and (not isinstance(batch_tokens, int) or batch_tokens < 1):
-            raise ArgumentError(f"batch_tokens={batch_tokens!r} must be a positive integer (or None).")
+        given = {"tokenizer": tokenizer, "batch_tokens": batch_tokens}
+        self.options = resolve_options(
+            options, "DiagnosticsCallback", progress=False, **{k: v for k, v in given.items() if v is not None}
+        )
         self.beta = check_beta(beta) if beta is not None else None
         self.pairs = load_pairs(probe_pairs)  # bad data fails here, before training starts
         self.every = every
         self.output_dir = output_dir
         self.reference = reference
-        self.tokenizer = tokenizer
         self.with_ches = bool(ches)
         self.with_entanglement = bool(entanglement)
-        self._max_length, self._truncation_mode = None, "keep_start"
         self.entanglement_params = entanglement_params
-        self.batch_tokens = batch_tokens
         self.trainer = None
         self._ref_model = None
         self._beta = self.beta
@@ -189,10 +192,10 @@ class DiagnosticsCallback(TrainerCallback):
                 resync = bool(getattr(args, "sync_ref_model", False)) and self._ref_model is not None
                 if self._ref is None or resync:
                     ref_model = self._ref_model if self._ref_model is not None else model
-                    self._ref = _sums(run_logprobs(self._inputs, ref_model, "reference", progress=False))
-                logps = _sums(run_logprobs(self._inputs, model, "policy", progress=False))
+                    self._ref = response_sums(run_logprobs(self._inputs, ref_model, "reference", progress=False))
+                logps = response_sums(run_logprobs(self._inputs, model, "policy", progress=False))
                 if self.with_ches:
-                    hidden = _pair_hidden(self._inputs, model, progress=False)
+                    hidden = pair_hidden_states(self._inputs, model, progress=False)
                     scores, ln_scores = ches_from_sums(
                         hidden.sums[0::2], hidden.sums[1::2], hidden.counts[0::2], hidden.counts[1::2]
                     )
@@ -222,10 +225,7 @@ class DiagnosticsCallback(TrainerCallback):
         if entangled is not None:
             for column in _ENTANGLEMENT_COLUMNS:
                 frame[column] = entangled[column].to_numpy()
-        frame["tokens_chosen"] = [p.chosen.n_response for p in self._inputs.encoded]
-        frame["tokens_rejected"] = [p.rejected.n_response for p in self._inputs.encoded]
-        frame["truncated"] = [p.truncated for p in self._inputs.encoded]
-        self._rows.append(frame)
+        self._rows.append(pair_columns(frame, self._inputs, input_columns=False))
         self._recorded.add(state.global_step)
         self._save(state)
 
@@ -238,10 +238,9 @@ class DiagnosticsCallback(TrainerCallback):
         was_training = model.training
         try:
             return gradient_entanglement(
-                model, self._inputs.pairs, tokenizer=self._inputs.tokenizer, reference=None,
-                params=self.entanglement_params, loss_weight="none", batch_tokens=self.batch_tokens,
+                model, self._inputs.pairs, reference=None, params=self.entanglement_params, loss_weight="none",
                 method="loop",  # TRL patches the model's forward in ways torch.func cannot trace
-                max_length=self._max_length, truncation_mode=self._truncation_mode, progress=False,
+                options=self._inputs.options.replace(tokenizer=self._inputs.tokenizer),
             )
         finally:
             for p, grad in saved:
@@ -252,9 +251,8 @@ class DiagnosticsCallback(TrainerCallback):
         if self._path is None or not self._rows or not getattr(state, "is_world_process_zero", True):
             return
         self._path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self._path.with_name(self._path.name + ".tmp")
-        self.frame.to_parquet(tmp, index=False)
-        os.replace(tmp, self._path)
+        frame = self.frame
+        atomic_write(self._path, lambda path: frame.to_parquet(path, index=False))
 
     # ---- TrainerCallback events
     def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
@@ -265,7 +263,7 @@ class DiagnosticsCallback(TrainerCallback):
                 "none (not a DPOConfig?); pass DiagnosticsCallback(..., beta=0.1)."
             )
         self._beta = check_beta(beta)
-        tokenizer = self.tokenizer if self.tokenizer is not None else processing_class
+        tokenizer = self.options.tokenizer if self.options.tokenizer is not None else processing_class
         if tokenizer is None:
             raise ArgumentError("DiagnosticsCallback needs a tokenizer: pass tokenizer=... (the trainer has no processing_class).")
         policy = _unwrap(self.trainer, model) if self.trainer is not None else model
@@ -273,12 +271,11 @@ class DiagnosticsCallback(TrainerCallback):
         self._ref_model = reference
         was_training = policy.training
         try:
-            self._max_length = getattr(args, "max_length", None)
-            self._truncation_mode = getattr(args, "truncation_mode", "keep_start")
-            self._inputs = prepare_pair_inputs(
-                policy, reference, self.pairs, tokenizer=tokenizer, max_length=self._max_length,
-                truncation_mode=self._truncation_mode, batch_tokens=self.batch_tokens,
+            options = self.options.replace(
+                tokenizer=tokenizer, max_length=getattr(args, "max_length", None),
+                truncation_mode=getattr(args, "truncation_mode", "keep_start"),
             )
+            self._inputs = prepare_pair_inputs(policy, reference, self.pairs, options=options)
         finally:
             policy.train(was_training)  # preparing puts the model in eval mode
         out = self.output_dir if self.output_dir is not None else args.output_dir
