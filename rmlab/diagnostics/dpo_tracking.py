@@ -24,6 +24,7 @@ from rmlab.diagnostics.displaced_mass import displaced_mass
 from rmlab.diagnostics.displacement_run import DisplacementRun, trajectory_rows
 from rmlab.diagnostics.dpo_run_store import RunFolder, check_save_dir, run_fingerprint
 from rmlab.diagnostics.pair_frames import pair_columns, response_sums
+from rmlab.diagnostics.pair_gradients import check_lr
 from rmlab.engine.batching import batch_budget, length_batches
 from rmlab.engine.logprobs import logprobs_with_grad
 from rmlab.engine.pairs import check_beta, prepare_pair_inputs, run_logprobs
@@ -41,20 +42,6 @@ def check_int(name: str, value, minimum: int, hint: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ArgumentError(f"{name}={value!r} must be an integer >= {minimum}{hint}")
     return int(value)
-
-
-def check_lr(lr) -> float:
-    """The learning rate as a float, or :class:`ArgumentError` unless it is finite and >= 0."""
-    try:
-        value = float(lr)
-    except (TypeError, ValueError):
-        value = float("nan")
-    if isinstance(lr, bool) or not math.isfinite(value) or value < 0:
-        raise ArgumentError(
-            f"lr={lr!r} must be a finite learning rate >= 0 (e.g. 1e-3 for adam on the toy world; "
-            "0 records the trajectory of an unchanged model)."
-        )
-    return value
 
 
 def check_optimizer(optimizer) -> str:
@@ -181,7 +168,9 @@ def track_dpo(
             "reference is fine, the policy is copied before training)."
         )
     steps = check_int("steps", steps, 1, " (the number of DPO updates, e.g. 20).")
-    lr = check_lr(lr)
+    lr = check_lr(
+        lr, allow_zero=True, hint="e.g. 1e-3 for adam on the toy world; 0 records the trajectory of an unchanged model"
+    )
     beta = check_beta(beta)
     optimizer = check_optimizer(optimizer)
     if batch_size is not None:

@@ -35,14 +35,15 @@ WEIGHTINGS = ("auto", "dpo", "none")
 # --------------------------------------------------------------------------------------------------
 # argument checks (all before any model runs)
 # --------------------------------------------------------------------------------------------------
-def check_lr(lr) -> float:
-    """The learning rate of the SGD step as a float; :class:`ArgumentError` unless finite and > 0."""
+def check_lr(lr, *, allow_zero: bool = False, hint: str = "for the SGD step, e.g. 1e-4") -> float:
+    """The learning rate as a float; :class:`ArgumentError` unless it is finite and > 0 (>= 0 with
+    ``allow_zero``). ``hint`` says, in the message, what the rate is for."""
     try:
         value = float(lr)
     except (TypeError, ValueError):
         value = float("nan")
-    if isinstance(lr, bool) or not math.isfinite(value) or value <= 0:
-        raise ArgumentError(f"lr={lr!r} must be a finite number > 0 (the learning rate of the SGD step, e.g. 1e-4).")
+    if isinstance(lr, bool) or not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise ArgumentError(f"lr={lr!r} must be a finite learning rate {'>=' if allow_zero else '>'} 0 ({hint}).")
     return value
 
 
