@@ -112,7 +112,7 @@ def _reward_model_section(contents, reward_model, pairs, *, name, tokenizer, imp
     row = {"reward_model": name, "accuracy": report_.summary["accuracy"], "ece": report_.summary["ece"]}
     if "rejected longer" in lengths.index:
         row["accuracy_longer_rejected"] = lengths.at["rejected longer", "accuracy"]
-    contents.figures[f"Calibration of {name}"] = plots.calibration_diagram(report_)
+    contents.figures[f"Calibration of {name}"] = plots.calibration_diagram(report_.calibration)
     contents.figures[f"Length bias of {name}"] = plots.length_bias(scores)
     return row
 

@@ -28,15 +28,15 @@ def test_entanglement_scatter_counts_pairs_above_the_boundary():
     assert list(plots.entanglement_scatter(realised).data[0].marker.color) == [-2.0, 0.5, -1.0, 3.0]
 
 
-def test_similarity_matrix_is_the_pivot_of_the_long_frame():
+def test_similarity_heatmap_is_the_pivot_of_the_long_frame():
     long = pd.DataFrame(
         [(a, b, float(10 * a + b)) for a in range(3) for b in range(3)], columns=["pair_a", "pair_b", "inner"]
     )
-    fig = plots.similarity_matrix(long)
+    fig = plots.similarity_heatmap(long)
     z = np.asarray(fig.data[0].z)
     assert z.shape == (3, 3) and z[1, 2] == 12.0 and z[2, 1] == 21.0
     with pytest.raises(DataError, match="rmlab.gradient_similarity"):
-        plots.similarity_matrix(long.drop(columns="inner"))
+        plots.similarity_heatmap(long.drop(columns="inner"))
 
 
 def trajectories():

@@ -6,8 +6,10 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from rmlab.deprecation import deprecated_alias, renamed_arguments
 from rmlab.errors import DataError
-from rmlab.plots.rewards import REWARD_COLORSCALE, _require
+from rmlab.plots.frames import require_columns
+from rmlab.plots.rewards import REWARD_COLORSCALE
 
 
 #: Short colour-bar titles for the columns entanglement figures are usually coloured by.
@@ -38,7 +40,7 @@ def entanglement_scatter(frame: pd.DataFrame, *, color: str | None = None, title
     ``eta * c * (|g_w|^2 - <g_w, g_l>)``, so every pair above the diagonal ``<g_w, g_l> = |g_w|^2``
     has its chosen response pushed *down* even as the margin grows.
     """
-    _require(frame, ["grad_sq_chosen", "grad_inner"], "rmlab.gradient_entanglement")
+    require_columns(frame, ["grad_sq_chosen", "grad_inner"], "rmlab.gradient_entanglement")
     if color is None:
         color = next((c for c in ("real_delta_chosen", "pred_delta_chosen") if c in frame.columns), None)
     x, y = frame["grad_sq_chosen"].to_numpy(float), frame["grad_inner"].to_numpy(float)
@@ -78,20 +80,21 @@ def entanglement_scatter(frame: pd.DataFrame, *, color: str | None = None, title
     return fig
 
 
-def similarity_matrix(similarity: pd.DataFrame, *, value: str = "inner", title: str | None = None) -> go.Figure:
+def similarity_heatmap(frame: pd.DataFrame, *, value: str = "inner", title: str | None = None) -> go.Figure:
     """Pair-by-pair gradient-similarity heatmap from :func:`rmlab.gradient_similarity`'s long frame.
 
     Args:
-        similarity: rows ``pair_a``, ``pair_b`` and a ``value`` column.
+        frame: rows ``pair_a``, ``pair_b`` and a ``value`` column.
         value: which column to show (``"inner"`` or ``"cosine"``).
         title: figure title.
 
     Rows are the pair whose update is taken, columns the pair whose chosen log-prob it moves (see
     :func:`rmlab.gradient_similarity` for the exact entry); red cells are updates that push another
-    pair's chosen response down.
+    pair's chosen response down (Yuan et al. 2024, gradient entanglement across pairs). The table
+    itself is :func:`rmlab.diagnostics.similarity_matrix`.
     """
-    _require(similarity, ["pair_a", "pair_b", value], "rmlab.gradient_similarity")
-    wide = similarity.pivot(index="pair_a", columns="pair_b", values=value)
+    require_columns(frame, ["pair_a", "pair_b", value], "rmlab.gradient_similarity")
+    wide = frame.pivot(index="pair_a", columns="pair_b", values=value)
     z = wide.to_numpy(float)
     bound = float(np.nanmax(np.abs(z))) if np.isfinite(z).any() else 1.0
     fig = go.Figure(
@@ -109,13 +112,21 @@ def similarity_matrix(similarity: pd.DataFrame, *, value: str = "inner", title: 
     return fig
 
 
+#: The figure's old name, which clashed with :func:`rmlab.diagnostics.similarity_matrix` (the table).
+similarity_matrix = deprecated_alias(
+    similarity_heatmap, "rmlab.plots.similarity_matrix", "rmlab.plots.similarity_heatmap",
+    renamed={"similarity": "frame"},
+)
+
+
+@renamed_arguments("rmlab.plots.displacement_trajectories", {"trajectories": "frame"})
 def displacement_trajectories(
-    trajectories: pd.DataFrame, *, pairs=None, max_pairs: int = 12, title: str | None = None
+    frame: pd.DataFrame, *, pairs=None, max_pairs: int = 12, title: str | None = None
 ) -> go.Figure:
     """Chosen and rejected log-probs over DPO steps, relative to step 0, per pair and on average.
 
     Args:
-        trajectories: from :func:`rmlab.track_dpo` (``step``, ``pair``, ``logps_chosen``,
+        frame: the trajectories from :func:`rmlab.track_dpo` (``step``, ``pair``, ``logps_chosen``,
             ``logps_rejected``).
         pairs: which pairs to draw individually (default: the ``max_pairs`` whose chosen log-prob
             fell most).
@@ -125,8 +136,8 @@ def displacement_trajectories(
     Likelihood displacement (Razin et al. 2024): the margin grows while the chosen log-prob (solid)
     falls below its start; the thick lines are the means over all pairs.
     """
-    _require(trajectories, ["step", "pair", "logps_chosen", "logps_rejected"], "rmlab.track_dpo")
-    t = trajectories.sort_values(["pair", "step"]).copy()
+    require_columns(frame, ["step", "pair", "logps_chosen", "logps_rejected"], "rmlab.track_dpo")
+    t = frame.sort_values(["pair", "step"]).copy()
     first = t.groupby("pair")[["logps_chosen", "logps_rejected"]].transform("first")
     t["d_chosen"] = t["logps_chosen"] - first["logps_chosen"]
     t["d_rejected"] = t["logps_rejected"] - first["logps_rejected"]
@@ -160,11 +171,12 @@ def displacement_trajectories(
     return fig
 
 
-def ches_vs_change(ches: pd.DataFrame, change: pd.DataFrame, *, score: str = "ln_ches", title: str | None = None) -> go.Figure:
+@renamed_arguments("rmlab.plots.ches_vs_change", {"ches": "frame"})
+def ches_vs_change(frame: pd.DataFrame, change: pd.DataFrame, *, score: str = "ln_ches", title: str | None = None) -> go.Figure:
     """CHES score of each pair against the realised change of its chosen log-prob in a DPO run.
 
     Args:
-        ches: from :func:`rmlab.ches` (``pair`` and the ``score`` column).
+        frame: from :func:`rmlab.ches` (``pair`` and the ``score`` column).
         change: the realised changes on the same pairs: a :func:`rmlab.track_dpo` trajectories frame
             (change from the first to the last step of a joint run), or a
             :func:`rmlab.gradient_entanglement` frame with ``realised=True`` (``real_delta_chosen``:
@@ -177,15 +189,15 @@ def ches_vs_change(ches: pd.DataFrame, change: pd.DataFrame, *, score: str = "ln
     title gives the Spearman rank correlation (negative when high CHES goes with a fall). In a
     joint run every pair also moves with the others' updates, which weakens the per-pair link.
     """
-    _require(ches, ["pair", score], "rmlab.ches")
+    require_columns(frame, ["pair", score], "rmlab.ches")
     if "real_delta_chosen" in change.columns:
-        _require(change, ["pair"], "rmlab.gradient_entanglement")
+        require_columns(change, ["pair"], "rmlab.gradient_entanglement")
         delta = change.set_index("pair")["real_delta_chosen"].rename("delta_chosen")
     else:
-        _require(change, ["step", "pair", "logps_chosen"], "rmlab.track_dpo or rmlab.gradient_entanglement")
+        require_columns(change, ["step", "pair", "logps_chosen"], "rmlab.track_dpo or rmlab.gradient_entanglement")
         t = change.sort_values(["pair", "step"]).groupby("pair")["logps_chosen"]
         delta = (t.last() - t.first()).rename("delta_chosen")
-    merged = ches.set_index("pair")[[score]].join(delta, how="inner").reset_index()
+    merged = frame.set_index("pair")[[score]].join(delta, how="inner").reset_index()
     if merged.empty:
         raise DataError("ches and trajectories share no pair: compute both on the same data.")
     rho = _spearman(merged[score], merged["delta_chosen"])
@@ -217,7 +229,7 @@ def predicted_changes(frame: pd.DataFrame, *, title: str | None = None) -> go.Fi
     below ``y = 0`` are pairs whose chosen response becomes *less* likely; red points are those the
     first-order prediction says fall (``<g_w, g_l> > |g_w|^2``).
     """
-    _require(frame, ["pred_delta_chosen", "pred_delta_rejected", "chosen_falls"], "rmlab.gradient_entanglement")
+    require_columns(frame, ["pred_delta_chosen", "pred_delta_rejected", "chosen_falls"], "rmlab.gradient_entanglement")
     pairs = frame["pair"].to_numpy() if "pair" in frame.columns else np.arange(len(frame))
     x, y = frame["pred_delta_rejected"].to_numpy(float), frame["pred_delta_chosen"].to_numpy(float)
     falls = frame["chosen_falls"].to_numpy(bool)

@@ -9,7 +9,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from rmlab.errors import ArgumentError
-from rmlab.plots.rewards import _require
+from rmlab.plots.frames import require_columns
 
 #: One colour per proxy (plotly's default cycle); a single proxy keeps blue proxy / red gold.
 _PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
@@ -62,7 +62,7 @@ def overoptimization_curve(
     For best-of-n the KL is the analytic ``log n - (n-1)/n``, an upper bound on the true KL
     (Beirami et al. 2024); the x-axis title says so when an ``n`` column is present.
     """
-    _require(frame, ["kl", "proxy", "gold"], "a best-of-n or checkpoint curve")
+    require_columns(frame, ["kl", "proxy", "gold"], "a best-of-n or checkpoint curve")
     if x_axis not in ("sqrt_kl", "kl"):
         raise ArgumentError(f"x_axis={x_axis!r} is not known; use 'sqrt_kl' or 'kl'.")
     to_x = np.sqrt if x_axis == "sqrt_kl" else np.asarray
@@ -168,7 +168,7 @@ def checkpoint_curves(frame: pd.DataFrame, *, by: str = "beta", title: str | Non
     gold reward can peak and fall while KL grows. Here KL is estimated from each checkpoint's own
     samples (not the best-of-n bound), with its standard error as horizontal bars.
     """
-    _require(frame, ["kl", "gold", "proxy"], "rmlab.checkpoint_curve")
+    require_columns(frame, ["kl", "gold", "proxy"], "rmlab.checkpoint_curve")
     data = frame.copy()
     data["sqrt_kl"] = np.sqrt(np.clip(data["kl"].to_numpy(float), 0, None))
     groups = data.groupby(by, sort=True) if by and by in data.columns else [(None, data)]

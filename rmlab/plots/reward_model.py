@@ -6,27 +6,38 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from rmlab.plots.rewards import _require
+from rmlab.deprecation import renamed_arguments, warn_deprecated
+from rmlab.plots.frames import require_columns
 
 
-def calibration_diagram(report, *, title: str | None = None) -> go.Figure:
+@renamed_arguments("rmlab.plots.calibration_diagram", {"report": "frame"})
+def calibration_diagram(frame: pd.DataFrame, *, title: str | None = None) -> go.Figure:
     """Reliability diagram of a reward model: observed accuracy against predicted confidence.
 
     Args:
-        report: a :class:`rmlab.RewardModelReport` (from :func:`rmlab.reward_model_report`) or its
-            ``calibration`` frame.
-        title: figure title (default: accuracy and ECE).
+        frame: the ``calibration`` frame of :func:`rmlab.reward_model_report` (one row per bin:
+            ``count``, ``mean_confidence``, ``observed_accuracy``; ``accuracy_lower`` /
+            ``accuracy_upper`` and ``mean_true_prob_of_preferred`` drawn when present). The whole
+            :class:`rmlab.RewardModelReport` is still accepted, with a DeprecationWarning.
+        title: figure title (default: the accuracy and expected calibration error of the bins).
 
     Each bin of folded confidence ``max(p, 1 - p)``, ``p = sigmoid(margin)``, is a point at its mean
     confidence and observed accuracy with a 95% Wilson interval; marker area grows with the number
     of pairs. A calibrated model lies on the diagonal (Guo et al. 2017); points below it are
     over-confident. When the data carry true preference probabilities, the mean true probability
-    of the side the model prefers is drawn too.
+    of the side the model prefers is drawn too. The title's accuracy and ECE (count-weighted mean of
+    ``|observed_accuracy - mean_confidence|``) are computed from the bins, so they equal the report's
+    ``summary``.
     """
-    calibration = getattr(report, "calibration", report)
-    summary = getattr(report, "summary", None)
-    _require(calibration, ["mean_confidence", "observed_accuracy", "count"], "rmlab.reward_model_report")
-    c = calibration[calibration["count"] > 0]
+    if not isinstance(frame, pd.DataFrame) and isinstance(getattr(frame, "calibration", None), pd.DataFrame):
+        warn_deprecated(
+            "rmlab.plots.calibration_diagram(report) is deprecated: pass the frame, "
+            "calibration_diagram(report.calibration); the report object goes in the next release.",
+            stacklevel=3,
+        )
+        frame = frame.calibration
+    require_columns(frame, ["mean_confidence", "observed_accuracy", "count"], "rmlab.reward_model_report")
+    c = frame[frame["count"] > 0]
     fig = go.Figure()
     fig.add_trace(
         go.Scatter(x=[0.5, 1], y=[0.5, 1], mode="lines", line=dict(dash="dash", color="gray"), name="calibrated")
@@ -56,8 +67,11 @@ def calibration_diagram(report, *, title: str | None = None) -> go.Figure:
         )
     if title is None:
         title = "Reward-model calibration"
-        if summary is not None and "ece" in summary:
-            title += f" (accuracy {summary['accuracy']:.3f}, ECE {summary['ece']:.3f})"
+        if len(c):
+            weights = c["count"] / c["count"].sum()
+            accuracy = float((weights * c["observed_accuracy"]).sum())
+            ece = float((weights * (c["observed_accuracy"] - c["mean_confidence"]).abs()).sum())
+            title += f" (accuracy {accuracy:.3f}, ECE {ece:.3f})"
     fig.update_layout(
         title=title, xaxis_title="confidence max(p, 1-p), p = sigmoid(margin)", yaxis_title="observed accuracy",
         xaxis_range=[0.48, 1.02], yaxis_range=[0, 1.02], legend=dict(orientation="h", y=-0.2),
@@ -65,11 +79,12 @@ def calibration_diagram(report, *, title: str | None = None) -> go.Figure:
     return fig
 
 
-def length_bias(scores: pd.DataFrame, *, title: str | None = None) -> go.Figure:
+@renamed_arguments("rmlab.plots.length_bias", {"scores": "frame"})
+def length_bias(frame: pd.DataFrame, *, title: str | None = None) -> go.Figure:
     """Margin against the length difference of the two responses, one point per pair.
 
     Args:
-        scores: a frame from :func:`rmlab.reward_scores` (``margin``, ``tokens_chosen``,
+        frame: from :func:`rmlab.reward_scores` (``margin``, ``tokens_chosen``,
             ``tokens_rejected``) or :func:`rmlab.implicit_rewards`.
         title: figure title.
 
@@ -77,12 +92,12 @@ def length_bias(scores: pd.DataFrame, *, title: str | None = None) -> go.Figure:
     rewards length puts its points on a rising line through the origin and misranks the pairs in
     the lower-left quadrant ("longer answer rejected"; Singhal et al. 2023).
     """
-    _require(scores, ["margin", "tokens_chosen", "tokens_rejected"], "rmlab.reward_scores")
-    diff = scores["tokens_chosen"] - scores["tokens_rejected"]
-    correct = scores["margin"] > 0
+    require_columns(frame, ["margin", "tokens_chosen", "tokens_rejected"], "rmlab.reward_scores")
+    diff = frame["tokens_chosen"] - frame["tokens_rejected"]
+    correct = frame["margin"] > 0
     fig = go.Figure()
     for ok, name, color in ((True, "ranked correctly", "#2166ac"), (False, "ranked wrongly", "#b2182b")):
-        part = scores[correct == ok]
+        part = frame[correct == ok]
         fig.add_trace(
             go.Scattergl(
                 x=diff[correct == ok], y=part["margin"], mode="markers", name=f"{name} ({len(part)})",
@@ -92,7 +107,7 @@ def length_bias(scores: pd.DataFrame, *, title: str | None = None) -> go.Figure:
         )
     fig.add_hline(y=0, line_dash="dash", line_color="gray")
     fig.add_vline(x=0, line_dash="dash", line_color="gray")
-    rho = np.corrcoef(diff, scores["margin"])[0, 1] if len(scores) > 1 else np.nan
+    rho = np.corrcoef(diff, frame["margin"])[0, 1] if len(frame) > 1 else np.nan
     fig.update_layout(
         title=title or f"Length bias: margin vs length difference (Pearson r = {rho:.2f})",
         xaxis_title="tokens(chosen) - tokens(rejected)", yaxis_title="margin",
@@ -100,11 +115,12 @@ def length_bias(scores: pd.DataFrame, *, title: str | None = None) -> go.Figure:
     return fig
 
 
-def preference_strength_map(strength: pd.DataFrame, *, truth: str | None = "flipped", title: str | None = None) -> go.Figure:
+@renamed_arguments("rmlab.plots.preference_strength_map", {"strength": "frame"})
+def preference_strength_map(frame: pd.DataFrame, *, truth: str | None = "flipped", title: str | None = None) -> go.Figure:
     """Ensemble preference strength: mean against std of the reward difference, one point per pair.
 
     Args:
-        strength: a frame from :func:`rmlab.preference_strength`.
+        frame: from :func:`rmlab.preference_strength`.
         truth: a boolean column that marks known mislabelled pairs (the toy world's ``flipped``);
             drawn as open circles when present. ``None`` to ignore.
         title: figure title.
@@ -112,13 +128,13 @@ def preference_strength_map(strength: pd.DataFrame, *, truth: str | None = "flip
     Pairs left of zero are likely mislabelled, pairs near zero ambiguous (Wang et al. 2024,
     "Secrets of RLHF Part II").
     """
-    _require(strength, ["strength_mean", "strength_std", "likely_mislabelled", "ambiguous"], "rmlab.preference_strength")
-    group = np.where(strength["likely_mislabelled"], "likely mislabelled",
-                     np.where(strength["ambiguous"], "ambiguous", "clear"))
+    require_columns(frame, ["strength_mean", "strength_std", "likely_mislabelled", "ambiguous"], "rmlab.preference_strength")
+    group = np.where(frame["likely_mislabelled"], "likely mislabelled",
+                     np.where(frame["ambiguous"], "ambiguous", "clear"))
     colors = {"clear": "#4d4d4d", "ambiguous": "#f4a582", "likely mislabelled": "#b2182b"}
     fig = go.Figure()
     for name in ("clear", "ambiguous", "likely mislabelled"):
-        part = strength[group == name]
+        part = frame[group == name]
         fig.add_trace(
             go.Scattergl(
                 x=part["strength_mean"], y=part["strength_std"], mode="markers", name=f"{name} ({len(part)})",
@@ -127,8 +143,8 @@ def preference_strength_map(strength: pd.DataFrame, *, truth: str | None = "flip
                 hovertemplate="pair %{customdata}<br>mean %{x:.3f}<br>std %{y:.3f}<extra></extra>",
             )
         )
-    if truth and truth in strength.columns:
-        known = strength[strength[truth].astype(bool)]
+    if truth and truth in frame.columns:
+        known = frame[frame[truth].astype(bool)]
         fig.add_trace(
             go.Scattergl(
                 x=known["strength_mean"], y=known["strength_std"], mode="markers", name=f"{truth} ({len(known)})",

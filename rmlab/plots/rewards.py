@@ -9,16 +9,12 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from rmlab.deprecation import renamed_arguments
 from rmlab.errors import DataError
+from rmlab.plots.frames import require_columns
 
 #: Diverging scale for rewards: red below zero, white at zero, blue above.
 REWARD_COLORSCALE = "RdBu"
-
-
-def _require(frame: pd.DataFrame, columns, producer: str) -> None:
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise DataError(f"This figure needs a frame from {producer}; it lacks the columns {missing}.")
 
 
 def reward_margins(frame: pd.DataFrame, *, by: str | None = None, title: str | None = None) -> go.Figure:
@@ -32,7 +28,7 @@ def reward_margins(frame: pd.DataFrame, *, by: str | None = None, title: str | N
     Margins right of the dashed zero line are pairs the reward ranks correctly (DPO's
     ``rewards/accuracies``).
     """
-    _require(frame, ["margin"], "rmlab.implicit_rewards or rmlab.reward_scores")
+    require_columns(frame, ["margin"], "rmlab.implicit_rewards or rmlab.reward_scores")
     fig = go.Figure()
     groups = frame.groupby(by, sort=True) if by else [("all pairs", frame)]
     for name, group in groups:
@@ -53,8 +49,9 @@ def reward_margins(frame: pd.DataFrame, *, by: str | None = None, title: str | N
     return fig
 
 
+@renamed_arguments("rmlab.plots.token_reward_text", {"tokens": "frame"})
 def token_reward_text(
-    tokens: pd.DataFrame,
+    frame: pd.DataFrame,
     pair: int,
     *,
     width: int = 12,
@@ -66,7 +63,7 @@ def token_reward_text(
     """One pair's responses as text, each token coloured by its reward, chosen beside rejected.
 
     Args:
-        tokens: a per-token frame: :func:`rmlab.token_rewards` (implicit DPO rewards),
+        frame: a per-token frame: :func:`rmlab.token_rewards` (implicit DPO rewards),
             :func:`rmlab.dense_rewards` (reward-model rewards) or :func:`rmlab.attribute_reward`
             (``value="attribution"``); columns ``pair`` (or ``row`` for single texts), ``side``,
             ``position``, ``token`` and the ``value`` column.
@@ -82,11 +79,12 @@ def token_reward_text(
     the pair. Token text is HTML-escaped; whitespace and newlines are shown as visible marks.
     Hovering a token shows its position, text, log-probs and reward.
     """
-    key = "row" if "row" in tokens.columns and "pair" not in tokens.columns else "pair"
-    _require(tokens, [key, "side", "position", "token", value], "rmlab.token_rewards or rmlab.dense_rewards")
-    rows = tokens[tokens[key] == pair]
+    columns = getattr(frame, "columns", ())
+    key = "row" if "row" in columns and "pair" not in columns else "pair"
+    require_columns(frame, [key, "side", "position", "token", value], "rmlab.token_rewards or rmlab.dense_rewards")
+    rows = frame[frame[key] == pair]
     if rows.empty:
-        raise DataError(f"{key}={pair} is not in the frame ({key}s {tokens[key].min()}..{tokens[key].max()}).")
+        raise DataError(f"{key}={pair} is not in the frame ({key}s {frame[key].min()}..{frame[key].max()}).")
     sides = [s for s in ("chosen", "rejected", "response") if (rows["side"] == s).any()]
     fig = make_subplots(rows=1, cols=len(sides), subplot_titles=sides, horizontal_spacing=0.04)
     bound = float(np.nanmax(np.abs(rows[value].to_numpy()))) or 1.0
