@@ -9,7 +9,8 @@ import torch
 
 import rmlab
 import rmlab.diagnostics.checkpoints as checkpoints_module
-from rmlab.diagnostics.checkpoints import _checkpoint_items, checkpoint_curve, curve_from_samples, kl_estimate
+from rmlab.diagnostics.checkpoint_labels import checkpoint_items
+from rmlab.diagnostics.checkpoints import checkpoint_curve, curve_from_samples, kl_estimate
 from rmlab.engine.sampling import SamplingInterrupted
 from rmlab.toy import tiny_causal_lm
 
@@ -137,20 +138,20 @@ def test_checkpoint_curve_on_the_toy_world(world):
 
 def test_checkpoint_labels():
     paths = {0.1: {50: "/x/dpo_beta0.1/step_50"}}
-    items = _checkpoint_items({"a": tiny_causal_lm(), (0.5, 10): tiny_causal_lm(), 0.05: tiny_causal_lm()}, ("beta", "step"))
+    items = checkpoint_items({"a": tiny_causal_lm(), (0.5, 10): tiny_causal_lm(), 0.05: tiny_causal_lm()}, ("beta", "step"))
     assert [(name, fields) for name, fields, _ in items] == [
         ("a", {}), ("beta=0.5/step=10", {"beta": 0.5, "step": 10}), ("beta=0.05", {"beta": 0.05}),
     ]
     with pytest.raises(rmlab.DataError, match="does not exist"):
-        _checkpoint_items(paths, ("beta", "step"))
+        checkpoint_items(paths, ("beta", "step"))
     m = tiny_causal_lm()
     m.name_or_path = "runs/dpo_beta0.1/step_50"
-    items = _checkpoint_items([m], ("beta", "step"))
+    items = checkpoint_items([m], ("beta", "step"))
     assert items[0][:2] == ("runs/dpo_beta0.1/step_50", {"beta": 0.1, "step": 50})
 
 
 def test_toy_world_checkpoint_dict_is_accepted(world):
-    items = _checkpoint_items(world.checkpoints, ("beta", "step"))
+    items = checkpoint_items(world.checkpoints, ("beta", "step"))
     assert len(items) == sum(len(s) for s in world.checkpoints.values())
     assert items[0][1] == {"beta": min(world.checkpoints), "step": min(world.checkpoints[min(world.checkpoints)])}
 
@@ -175,7 +176,7 @@ def test_errors_before_sampling(tok, monkeypatch):
         (dict(proxy=[ref, ref]), rmlab.ArgumentError, "callable that combines"),
         (dict(proxy=ref), rmlab.ModelError, "not a reward model"),
         (dict(gold="./no_such_rm"), rmlab.DataError, "neither a column"),
-        (dict(gold=3.0), rmlab.ArgumentError, "gold="),
+        (dict(gold=3.0), rmlab.ArgumentError, "gold: cannot score with 3.0"),
     ]
     for change, error, message in cases:
         args = {"checkpoints": {"a": ref}, "reference": ref, "prompts": ["The movie was", "A"], **ok, **change}

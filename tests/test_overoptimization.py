@@ -209,7 +209,7 @@ def test_every_model_is_checked_before_any_scores(tok, monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("a reward model scored before the input error was raised")
 
-    monkeypatch.setattr("rmlab.rewards.scores.score_sequences", forbidden)
+    monkeypatch.setattr("rmlab.engine.reward_model.score_sequences", forbidden)  # what the local runner scores with
     frame = pool_frame([0.0, 1.0], [1.0, 0.0])
     rm = tiny_reward_model("gpt2", seed=3)
     with pytest.raises(ModelError):  # a causal LM is no reward model

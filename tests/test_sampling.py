@@ -205,7 +205,7 @@ def test_errors_come_before_any_sampling(tok, monkeypatch):
     def never(*args, **kwargs):
         raise AssertionError("sampling started before the input was checked")
 
-    monkeypatch.setattr(sampling, "decode_batch", never)
+    monkeypatch.setattr("rmlab.engine.decoding.decode_batch", never)  # what the local runner decodes with
     model = tiny_causal_lm("gpt2", seed=0)
     ok = dict(n=2, max_new_tokens=4, tokenizer=tok, progress=False)
     missing = "/no/such/model"  # settings are checked before a model is even loaded

@@ -1,352 +1,50 @@
-"""KL from the reference and proxy / gold rewards along policy checkpoints.
+"""Proxy and gold rewards along policy checkpoints, against KL from the reference.
 
 Overoptimization is read off a curve: as a policy moves away from its initial (reference) policy,
 measured by ``d = sqrt(KL(pi || pi_ref))``, the proxy reward it was optimised for keeps rising
 while the true (gold) reward peaks and falls (Gao et al. 2022, "Scaling Laws for Reward Model
 Overoptimization"). Direct alignment algorithms such as DPO show the same along training steps
 and across beta (Rafailov et al. 2024, "Scaling Laws for Reward Model Overoptimization in Direct
-Alignment Algorithms"). For a checkpoint, KL has no closed form: it is estimated from the policy's
-own samples, ``KL(pi || pi_ref) = E_{x, y ~ pi}[log pi(y|x) - log pi_ref(y|x)]`` (the "k1"
-estimator of Schulman 2020, "Approximating KL Divergence").
+Alignment Algorithms").
 
-- :func:`kl_estimate`: the Monte-Carlo estimate and its standard error from per-sample log-probs.
 - :func:`checkpoint_curve`: sample every checkpoint (:func:`rmlab.sample`), score the samples under
   the reference, a proxy and a gold reward; one row per checkpoint.
 - :func:`curve_from_samples`: the same summary from a saved samples frame, e.g. to score it with
   another proxy without sampling again.
+- The KL estimate is :func:`rmlab.diagnostics.kl.kl_estimate`'s; checkpoints and their labels are
+  read by :mod:`rmlab.diagnostics.checkpoint_labels`; scorers are those of
+  :mod:`rmlab.diagnostics.scorers`.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
-import re
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
-import torch
 from tqdm.auto import tqdm
 
-from rmlab.engine.precision import autocast_dtype
-from rmlab.engine.reward_model import score_sequences
-from rmlab.engine.sampling import (
-    SAMPLE_COLUMNS,
-    SamplingInterrupted,
-    check_prompt_context,
-    check_prompts,
-    check_settings,
-    encode_prompts,
-    engine_logprobs,
-    sample,
-)
-from rmlab.errors import ArgumentError, DataError, ModelError, TokenizerError
-from rmlab.io.models import (
-    check_context,
-    check_same_tokenizer,
-    check_vocab_covers,
-    is_causal_lm,
-    load_causal_lm,
-    load_reward_model,
-    load_tokenizer,
-    padding_id,
-    reward_label,
-)
-from rmlab.io.tokenize import encode_responses
+from rmlab.cache import resolve_cache_dir
+from rmlab.diagnostics.checkpoint_labels import check_checkpoints, checkpoint_items
+from rmlab.diagnostics.kl import kl_estimate, mean_se
+from rmlab.diagnostics.scorers import SampleScorer
+from rmlab.engine.completions import engine_logprobs, summed
+from rmlab.engine.sampling import SAMPLE_COLUMNS, SamplingInterrupted, sample
+from rmlab.engine.sampling_inputs import check_prompt_context, check_prompts, check_settings, encode_prompts
+from rmlab.errors import ArgumentError, DataError
+from rmlab.io.models import check_vocab_covers, load_causal_lm, load_tokenizer, padding_id
+from rmlab.options import CACHING, LOADING, RUNNING, Options, with_options
 
 #: Columns every samples frame of :func:`checkpoint_curve` has (beside the label columns).
 CURVE_SAMPLE_COLUMNS = ("checkpoint",) + SAMPLE_COLUMNS + ("ref_logp", "log_ratio")
+#: The run options of the functions of this module.
+CURVE_OPTIONS = ("tokenizer", "chat_template_kwargs", *RUNNING, *LOADING, *CACHING)
 
 
-# --------------------------------------------------------------------------------------------------
-# estimates
-# --------------------------------------------------------------------------------------------------
-def _as_values(values, name: str) -> np.ndarray:
-    try:
-        out = np.asarray(values, dtype=np.float64).reshape(-1)
-    except (TypeError, ValueError):
-        raise DataError(f"{name} must be numbers (one per sample).") from None
-    bad = np.flatnonzero(~np.isfinite(out))
-    if len(bad):
-        raise DataError(f"{name}[{bad[0]}] is {out[bad[0]]}; every value must be finite.")
-    return out
-
-
-def mean_se(values, groups=None) -> tuple[float, float, int]:
-    """Mean over groups of the per-group means, and its standard error.
-
-    With two groups or more the standard error is the spread of the group means over the square
-    root of their number (prompts treated as a sample of the prompt distribution, within- and
-    between-prompt variation both included); with one group it is the spread of the values over
-    the square root of their number. Returns ``(mean, se, groups)``; ``se`` is NaN with one value.
-    """
-    v = np.asarray(values, dtype=np.float64)
-    if groups is None:
-        groups = np.zeros(len(v), dtype=np.int64)
-    means = pd.Series(v).groupby(np.asarray(groups), sort=False).mean().to_numpy()
-    if len(means) >= 2:
-        return float(means.mean()), float(means.std(ddof=1) / math.sqrt(len(means))), len(means)
-    se = float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) >= 2 else float("nan")
-    return float(v.mean()), se, 1
-
-
-def kl_estimate(policy_logp, reference_logp, groups=None) -> pd.Series:
-    """Monte-Carlo estimate of ``KL(pi || pi_ref)`` from samples of the policy, with its standard error.
-
-    ``KL(pi || pi_ref) = E_{y ~ pi}[log pi(y) - log pi_ref(y)]``, estimated by the mean log-ratio of
-    samples drawn from ``pi`` (the "k1" estimator, Schulman 2020, "Approximating KL Divergence"; the
-    KL axis of Gao et al. 2022, "Scaling Laws for Reward Model Overoptimization"). With several
-    prompts (``groups``) the log-ratios are averaged per prompt, then over prompts, and the standard
-    error is taken across prompts; with one prompt, across samples.
-
-    The k1 estimator is unbiased, but a single estimate can be negative (the true KL never is): the
-    log-ratio is negative on samples the reference likes more than the policy does, and a finite
-    sample can hold mostly those, especially when the policy is close to the reference. Its variance
-    grows with the KL; read the estimate together with ``kl_se``.
-
-    Args:
-        policy_logp: log-prob of each sample under the policy that drew it (``rmlab.sample``'s
-            ``logp``, temperature 1: samples drawn at another temperature or with top-p are not
-            samples of ``pi``).
-        reference_logp: log-prob of the same samples under the reference.
-        groups: the prompt of each sample (e.g. ``prompt_index``); all one prompt if None.
-
-    Returns:
-        A Series with ``kl``, ``kl_se``, ``n_samples`` and ``prompts``.
-
-    Raises:
-        DataError: lengths differ, non-finite values, or fewer than 2 samples (no standard error).
-
-    Example:
-        >>> import rmlab
-        >>> est = rmlab.kl_estimate([-1.0, -2.0, -1.5], [-1.2, -2.5, -1.4])
-        >>> round(float(est["kl"]), 3), round(float(est["kl_se"]), 3)
-        (0.2, 0.173)
-    """
-    lp = _as_values(policy_logp, "policy_logp")
-    ref = _as_values(reference_logp, "reference_logp")
-    if len(lp) != len(ref):
-        raise DataError(f"policy_logp has {len(lp)} values but reference_logp has {len(ref)}; pass one per sample.")
-    if groups is not None and len(np.asarray(groups).reshape(-1)) != len(lp):
-        raise DataError(f"groups has {len(np.asarray(groups).reshape(-1))} values for {len(lp)} samples.")
-    if len(lp) < 2:
-        raise DataError(
-            f"A KL estimate needs at least 2 samples (got {len(lp)}): its standard error comes from "
-            "their spread. Draw more samples (n >= 2, or several prompts)."
-        )
-    kl, se, prompts = mean_se(lp - ref, None if groups is None else np.asarray(groups).reshape(-1))
-    return pd.Series({"kl": kl, "kl_se": se, "n_samples": len(lp), "prompts": prompts})
-
-
-# --------------------------------------------------------------------------------------------------
-# proxy / gold scorers
-# --------------------------------------------------------------------------------------------------
-class _Scorer:
-    """A reward to put on every sample: a column, a reward model, or a callable."""
-
-    def __init__(self, role: str, kind: str, value, tokenizer=None, label: int = 0):
-        self.role, self.kind, self.value, self.tokenizer, self.label = role, kind, value, tokenizer, label
-
-    def __call__(self, samples: pd.DataFrame, *, fmt: str, batch_tokens, dtype, progress, chat_template_kwargs) -> np.ndarray:
-        n = len(samples)
-        if self.kind == "column":
-            out = samples[self.value].to_numpy()
-        elif self.kind == "callable":
-            completions = list(samples["completion"])
-            if self.takes_prompts:
-                out = self.value(list(samples["prompt"]), completions)
-            else:
-                out = self.value(completions)
-        else:
-            out = _reward_model_scores(
-                self.value, self.tokenizer, self.label, list(samples["prompt"]), list(samples["completion"]),
-                fmt=fmt, batch_tokens=batch_tokens, dtype=dtype, progress=progress,
-                chat_template_kwargs=chat_template_kwargs, role=self.role,
-            )
-        try:
-            values = np.asarray(out, dtype=np.float64).reshape(-1)
-        except (TypeError, ValueError):
-            raise DataError(f"The {self.role} scorer must return numbers, one per completion.") from None
-        if len(values) != n:
-            raise DataError(f"The {self.role} scorer returned {len(values)} values for {n} completions; return one per completion.")
-        return values
-
-    @property
-    def takes_prompts(self) -> bool:
-        try:
-            params = inspect.signature(self.value).parameters.values()
-        except (TypeError, ValueError):
-            return False
-        positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-        return len(positional) >= 2
-
-
-def _resolve_scorer(spec, role: str, *, columns, tokenizer, reward_tokenizer, device, dtype, trust_remote_code) -> _Scorer | None:
-    """Check a proxy/gold specification and load its reward model now, before any sampling."""
-    if spec is None:
-        return None
-    if isinstance(spec, str) and spec in columns:
-        return _Scorer(role, "column", spec)
-    if isinstance(spec, torch.nn.Module) or isinstance(spec, (str, os.PathLike)):
-        if isinstance(spec, torch.nn.Module) and is_causal_lm(spec):
-            raise ModelError(
-                f"{role}= is a causal LM ({type(spec).__name__}), not a reward model: pass a sequence "
-                "classifier, a callable on completions, or a column name."
-            )
-        if isinstance(spec, (str, os.PathLike)) and str(spec).startswith((".", "/", "~")) and not Path(spec).expanduser().exists():
-            raise DataError(
-                f"{role}={str(spec)!r} is neither a column of the samples ({', '.join(columns)}) nor an "
-                "existing reward-model folder."
-            )
-        model = load_reward_model(spec, role=f"{role} reward model", device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-        try:
-            label = reward_label(model, None)
-        except ModelError as err:
-            raise ModelError(f"{err} (For the {role}, wrap the model in a callable that returns that output.)") from None
-        rtok = reward_tokenizer
-        if rtok is None:
-            try:
-                rtok = load_tokenizer(None, spec, role=f"{role} reward model", trust_remote_code=trust_remote_code)
-            except TokenizerError:
-                rtok = tokenizer  # a reward model built on the policy: the policy's tokenizer
-        if rtok is None:
-            raise TokenizerError(f"No tokenizer for the {role} reward model: pass reward_tokenizer=... .")
-        rows = model.get_input_embeddings().weight.shape[0]
-        if len(rtok) > rows:
-            raise TokenizerError(
-                f"The tokenizer used for the {role} reward model has {len(rtok)} tokens but the model's "
-                f"embedding only {rows}: pass reward_tokenizer=<the tokenizer it was trained with>."
-            )
-        return _Scorer(role, "reward_model", model, tokenizer=rtok, label=label)
-    if callable(spec):
-        return _Scorer(role, "callable", spec)
-    if isinstance(spec, (list, tuple)):
-        raise ArgumentError(
-            f"{role}= got a list; pass one reward model, or a callable that combines several "
-            "(e.g. their mean or minimum) on the completions."
-        )
-    raise ArgumentError(
-        f"{role}={spec!r} must be a reward model (object or path), a callable on completions (or on "
-        "prompts, completions), or the name of a column of the samples."
-    )
-
-
-def _reward_model_scores(model, tokenizer, label, prompts, completions, *, fmt, batch_tokens, dtype, progress,
-                         chat_template_kwargs, role) -> np.ndarray:
-    """Scores of prompt/completion rows, tokenised and pooled exactly as :func:`rmlab.reward_scores`
-    (TRL's RewardTrainer: EOS appended to plain text, chat template for conversations); unlike it,
-    empty completions (a sample that stopped at once) are scored too."""
-    responses = completions if fmt == "text" else [[{"role": "assistant", "content": c}] for c in completions]
-    frame = pd.DataFrame({"prompt": prompts, "response": responses})
-    frame.attrs["format"] = fmt
-    seqs = encode_responses(frame, tokenizer, add_eos=None, chat_template_kwargs=chat_template_kwargs)
-    check_context([(f"Row {i}", len(s.ids)) for i, s in enumerate(seqs)], model, f"{role} reward model", None)
-    return score_sequences(
-        model, [s.ids for s in seqs], pad_id=padding_id(tokenizer, model, role=f"{role} reward model"),
-        label=label, batch_tokens=batch_tokens, autocast_dtype=autocast_dtype(model, dtype), progress=progress,
-        desc=f"{role} scores",
-    )
-
-
-# --------------------------------------------------------------------------------------------------
-# checkpoints and their labels
-# --------------------------------------------------------------------------------------------------
-_NUMBER = r"(-?\d+(?:\.\d+)?(?:[eE]-?\d+)?)"
-
-
-def _number(text: str):
-    value = float(text)
-    return int(value) if value.is_integer() and re.fullmatch(r"-?\d+", text) else value
-
-
-def _parse_label(label, label_names: Sequence[str]) -> tuple[str, dict]:
-    """``(checkpoint string, {label name: value})`` of one checkpoint label."""
-    if isinstance(label, tuple):
-        if len(label) > len(label_names):
-            raise ArgumentError(
-                f"Checkpoint label {label!r} has {len(label)} parts but label_names={tuple(label_names)!r} "
-                f"names {len(label_names)}; pass label_names=... with one name per part."
-            )
-        fields = dict(zip(label_names, label))
-        return "/".join(f"{k}={v}" for k, v in fields.items()), fields
-    if isinstance(label, (int, float, np.integer, np.floating)) and not isinstance(label, bool):
-        return f"{label_names[0]}={label}", {label_names[0]: label}
-    text = str(label)
-    fields = {}
-    for name in label_names:
-        match = re.search(rf"{re.escape(name)}[_=-]?{_NUMBER}", text)
-        if match:
-            fields[name] = _number(match.group(1))
-    return text, fields
-
-
-def _label_of(item, i: int) -> str:
-    if isinstance(item, (str, os.PathLike)):
-        return str(item)
-    return getattr(item, "name_or_path", "") or f"checkpoint {i}"
-
-
-def _checkpoint_items(checkpoints, label_names) -> list[tuple[str, dict, object]]:
-    if isinstance(label_names, str) or not label_names or not all(isinstance(x, str) for x in label_names):
-        raise ArgumentError(f"label_names={label_names!r} must be a non-empty tuple of column names, e.g. ('beta', 'step').")
-    raw: list[tuple[object, object]] = []
-    if isinstance(checkpoints, Mapping):
-        for key, value in checkpoints.items():
-            if isinstance(value, Mapping):
-                raw.extend(((key, inner), v) for inner, v in value.items())
-            else:
-                raw.append((key, value))
-    elif isinstance(checkpoints, (list, tuple)):
-        raw = [(_label_of(item, i), item) for i, item in enumerate(checkpoints)]
-    else:
-        raise ArgumentError(
-            "checkpoints must be a dict {label: model or path} (labels may be (beta, step) tuples or a "
-            "nested {beta: {step: path}} dict such as a toy world's .checkpoints) or a list of models/paths; "
-            f"got {type(checkpoints).__name__}."
-        )
-    if not raw:
-        raise ArgumentError("checkpoints is empty: pass at least one policy checkpoint.")
-    items, seen = [], set()
-    for label, spec in raw:
-        name, fields = _parse_label(label, tuple(label_names))
-        if name in seen:
-            raise ArgumentError(f"Two checkpoints have the label {name!r}; give each its own label.")
-        seen.add(name)
-        if isinstance(spec, (str, os.PathLike)):
-            local = isinstance(spec, os.PathLike) or str(spec).startswith((".", "/", "~"))
-            if local and not Path(spec).expanduser().exists():
-                raise DataError(f"Checkpoint {name!r}: the folder {str(spec)!r} does not exist.")
-        elif not isinstance(spec, torch.nn.Module):
-            raise ArgumentError(
-                f"Checkpoint {name!r} is a {type(spec).__name__}; pass a causal LM or a hub name / local path."
-            )
-        elif not is_causal_lm(spec):
-            raise ModelError(f"Checkpoint {name!r} is a {type(spec).__name__}, not a causal language model.")
-        items.append((name, fields, spec))
-    return items
-
-
-def _check_checkpoints(items, tok, trust_remote_code: bool) -> None:
-    """Every checkpoint fits the reference's tokenizer, checked before the first one samples: model
-    objects by their vocabulary, folders by the tokenizer saved beside them (when there is one)."""
-    for name, _, spec in items:
-        if isinstance(spec, torch.nn.Module):
-            check_vocab_covers(spec, tok, role=f"checkpoint {name!r}")
-        elif Path(spec).expanduser().is_dir():
-            try:
-                saved = load_tokenizer(None, Path(spec).expanduser(), role=f"checkpoint {name!r}",
-                                       trust_remote_code=trust_remote_code)
-            except TokenizerError:
-                continue  # no tokenizer saved beside the weights: the reference's is used
-            check_same_tokenizer(tok, saved, names=("reference", f"checkpoint {name!r}"))
-
-
-# --------------------------------------------------------------------------------------------------
-# the curve
-# --------------------------------------------------------------------------------------------------
 def _summarise(samples: pd.DataFrame, label_cols: list[str], scored: list[str], n_samples) -> pd.DataFrame:
+    """One row per checkpoint: KL (per prompt, then over prompts) and the mean of every scored column."""
     rows = []
     for name, group in samples.groupby("checkpoint", sort=False):
         g = group["prompt_index"].to_numpy()
@@ -368,34 +66,45 @@ def _summarise(samples: pd.DataFrame, label_cols: list[str], scored: list[str], 
     return curve
 
 
-def _score(samples, scorers, *, fmt, batch_tokens, dtype, progress, chat_template_kwargs) -> list[str]:
+
+def _scorer(samples, options: Options, *, reward_tokenizer, fallback_tokenizer, proxy, gold) -> SampleScorer:
+    """The checked scorers of ``proxy`` and ``gold`` on ``samples`` (a frame, or the column names of
+    one still to be sampled), their reward models loaded. Reward models score whole rows, EOS
+    appended to plain text as TRL's RewardTrainer appends it."""
+    scoring = options.replace(add_eos=None, max_length=None, truncation_mode="keep_start")
+    scorer = SampleScorer(list(samples.columns) if isinstance(samples, pd.DataFrame) else samples, options=scoring,
+                          tokenizer=reward_tokenizer, fallback_tokenizer=fallback_tokenizer, tokenizer_arg="reward_tokenizer")
+    if isinstance(samples, pd.DataFrame):
+        scorer.bind(samples)
+    for role, spec in (("proxy", proxy), ("gold", gold)):
+        if spec is not None:
+            scorer.check(spec, role)
+    scorer.check_texts()
+    scorer.load_models()
+    return scorer
+
+
+def _score(scorer: SampleScorer, samples: pd.DataFrame, proxy, gold) -> list[str]:
+    """Put the ``proxy`` and ``gold`` scores on ``samples`` (in place); the names of those scored."""
+    if scorer.frame is not samples:
+        scorer.bind(samples)
     scored = []
-    for col, scorer in scorers.items():
-        if scorer is None:
-            continue
-        values = scorer(samples, fmt=fmt, batch_tokens=batch_tokens, dtype=dtype, progress=progress,
-                        chat_template_kwargs=chat_template_kwargs)
-        if not np.isfinite(values).all():
-            raise DataError(f"The {col} scores include non-finite values (row {int(np.flatnonzero(~np.isfinite(values))[0])}).")
-        samples[col] = values
-        scored.append(col)
+    for role, spec in (("proxy", proxy), ("gold", gold)):
+        if spec is not None:
+            samples[role] = scorer.scores(spec, role)
+            scored.append(role)
     return scored
 
 
+@with_options(*CURVE_OPTIONS)
 def curve_from_samples(
     samples: pd.DataFrame,
     *,
     proxy=None,
     gold=None,
-    tokenizer=None,
     reward_tokenizer=None,
-    chat_template_kwargs: dict | None = None,
-    batch_tokens: int | None = None,
-    device="auto",
-    dtype="auto",
-    progress: bool = True,
     return_samples: bool = False,
-    trust_remote_code: bool = False,
+    options: Options,
 ):
     """One row per checkpoint from a samples frame of :func:`checkpoint_curve`, scoring it if asked.
 
@@ -409,8 +118,11 @@ def curve_from_samples(
             and ``log_ratio`` (or ``logp`` and ``ref_logp``).
         proxy, gold: as in :func:`checkpoint_curve`; a string that names a column uses it.
         tokenizer: fallback tokenizer for reward models that have none of their own.
-        reward_tokenizer, chat_template_kwargs, batch_tokens, device, dtype, progress,
-        return_samples, trust_remote_code: as in :func:`checkpoint_curve`.
+        reward_tokenizer, return_samples: as in :func:`checkpoint_curve`.
+        chat_template_kwargs, batch_tokens, device, dtype, progress, trust_remote_code, revision,
+            use_safetensors, runner, cache_dir, overwrite_cache: how reward models score, as in
+            :func:`checkpoint_curve` (see :class:`rmlab.Options`).
+        options: the run options above as one :class:`rmlab.Options` (flat keywords override it).
 
     Returns:
         The curve (and the samples with the new score columns when ``return_samples``).
@@ -426,17 +138,16 @@ def curve_from_samples(
         raise DataError(f"samples lacks the columns {missing}; pass the samples frame of rmlab.checkpoint_curve.")
     if len(samples) < 2:
         raise DataError("samples has fewer than 2 rows: a KL estimate needs at least 2 samples.")
-    common = dict(columns=list(samples.columns), tokenizer=tokenizer, reward_tokenizer=reward_tokenizer,
-                  device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-    scorers = {"proxy": _resolve_scorer(proxy, "proxy", **common), "gold": _resolve_scorer(gold, "gold", **common)}
-    _, fmt = check_prompts(list(samples["prompt"].iloc[:1]))
-    scored = _score(samples, scorers, fmt=fmt, batch_tokens=batch_tokens, dtype=dtype, progress=progress,
-                    chat_template_kwargs=chat_template_kwargs)
+    check_prompts(list(samples["prompt"].iloc[:1]))
+    scorer = _scorer(samples, options, reward_tokenizer=reward_tokenizer, fallback_tokenizer=options.tokenizer,
+                     proxy=proxy, gold=gold)
+    scored = _score(scorer, samples, proxy, gold)
     label_cols = [c for c in samples.attrs.get("label_columns", []) if c in samples.columns]
     curve = _summarise(samples, label_cols, scored, None)
     return (curve, samples) if return_samples else curve
 
 
+@with_options(*CURVE_OPTIONS)
 def checkpoint_curve(
     checkpoints,
     reference,
@@ -446,19 +157,12 @@ def checkpoint_curve(
     gold=None,
     n_samples: int = 16,
     max_new_tokens: int = 64,
-    tokenizer=None,
     seed: int = 0,
     label_names: Sequence[str] = ("beta", "step"),
     reward_tokenizer=None,
     batch_size: int | None = None,
-    batch_tokens: int | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    chat_template_kwargs: dict | None = None,
-    device="auto",
-    dtype="auto",
-    progress: bool = True,
     return_samples: bool = False,
-    trust_remote_code: bool = False,
+    options: Options,
 ):
     """KL from the reference, proxy reward and gold reward of each policy checkpoint, from its samples.
 
@@ -481,23 +185,26 @@ def checkpoint_curve(
             ``{(0.1, 0): sft, **...}``, to start the curve at KL 0.
         reference: the initial policy (a causal LM or path); KL is measured from it.
         prompts: a list of strings or chat conversations (as :func:`rmlab.sample`).
-        proxy, gold: the rewards to average over the samples, each either
-            a reward model (``AutoModelForSequenceClassification`` object or path, one output),
-            scored on prompt + completion exactly as :func:`rmlab.reward_scores` tokenises
-            prompt/completion rows (its own tokenizer, else ``reward_tokenizer``, else the
-            policy's);
-            a callable, called with the list of completion texts when it takes one positional
-            parameter (a toy world's ``.gold``), or with ``(prompts, completions)`` when it takes
-            two; or the name of a column of the samples (e.g. ``"n_tokens"``).
+        proxy, gold: the rewards to average over the samples, each a scorer of
+            :mod:`rmlab.diagnostics.scorers`: a reward model (``AutoModelForSequenceClassification``
+            object or path, one output), scored on prompt + completion exactly as
+            :func:`rmlab.reward_scores` tokenises prompt/completion rows (its own tokenizer, else
+            ``reward_tokenizer``, else the policy's); a callable, called with the list of completion
+            texts when it takes one required positional parameter (a toy world's ``.gold``), with
+            ``(prompts, completions)`` when it takes two, or TRL-style with keywords; the name of a
+            column of the samples (e.g. ``"n_tokens"``); or an :func:`rmlab.ensemble` of these.
         n_samples: completions per prompt and checkpoint.
         max_new_tokens: longest completion in tokens.
         tokenizer: the policies' tokenizer (loaded from the reference's path if None).
         seed: sampling seed (the same for every checkpoint).
         label_names: names of the label parts (default ``("beta", "step")``).
         reward_tokenizer: tokenizer for reward models that have none saved with them.
-        batch_size, batch_tokens, cache_dir, chat_template_kwargs, device, dtype, progress,
-            trust_remote_code: as in :func:`rmlab.sample`; with ``cache_dir`` the samples of every
-            checkpoint are kept on disk and an interrupted curve resumes.
+        batch_size, batch_tokens, cache_dir, overwrite_cache, chat_template_kwargs, device, dtype,
+            progress, trust_remote_code, revision, use_safetensors, runner: as in
+            :func:`rmlab.sample` (see :class:`rmlab.Options`); with ``cache_dir`` the samples of every
+            checkpoint (and the reward models' scores) are kept on disk and an interrupted curve
+            resumes.
+        options: the run options above as one :class:`rmlab.Options` (flat keywords override it).
         return_samples: also return the samples frame (one row per completion and checkpoint, with
             ``ref_logp``, ``log_ratio`` and the ``proxy`` / ``gold`` scores), to re-rank or re-score
             it with :func:`curve_from_samples` without sampling again.
@@ -524,48 +231,42 @@ def checkpoint_curve(
     """
     n_samples, max_new_tokens, _, _, seed = check_settings(
         n=n_samples, max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0, seed=seed,
-        batch_size=batch_size, batch_tokens=batch_tokens, backend="hf",
+        batch_size=batch_size, backend="hf",
     )
-    items = _checkpoint_items(checkpoints, label_names)
+    items = checkpoint_items(checkpoints, label_names)
     prompt_list, fmt = check_prompts(prompts)
     if n_samples * len(prompt_list) < 2:
         raise ArgumentError(
             f"n_samples={n_samples} with {len(prompt_list)} prompt gives 1 sample per checkpoint; a KL "
             "estimate and its standard error need at least 2. Raise n_samples or add prompts."
         )
-    ref_model = load_causal_lm(reference, role="reference", device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    cache_dir = resolve_cache_dir(options.cache_dir, options.overwrite_cache)
+    ref_model = load_causal_lm(reference, role="reference", **options.loading)
     source = reference
-    if tokenizer is None and not (isinstance(reference, (str, os.PathLike)) or getattr(reference, "name_or_path", "")):
+    if options.tokenizer is None and not (isinstance(reference, (str, os.PathLike)) or getattr(reference, "name_or_path", "")):
         source = items[0][2]
-    tok = load_tokenizer(tokenizer, source, role="reference", trust_remote_code=trust_remote_code)
+    tok = load_tokenizer(options.tokenizer, source, role="reference", trust_remote_code=options.trust_remote_code)
     check_vocab_covers(ref_model, tok, role="reference")
-    prompt_ids = encode_prompts(prompt_list, fmt, tok, chat_template_kwargs)
+    prompt_ids = encode_prompts(prompt_list, fmt, tok, options.chat_template_kwargs)
     check_prompt_context(prompt_ids, ref_model, max_new_tokens, role="reference")
     label_cols = [name for name in label_names if any(name in fields for _, fields, _ in items)]
     columns = list(CURVE_SAMPLE_COLUMNS) + label_cols
-    common = dict(columns=columns, tokenizer=tok, reward_tokenizer=reward_tokenizer, device=device, dtype=dtype,
-                  trust_remote_code=trust_remote_code)
-    scorers = {"proxy": _resolve_scorer(proxy, "proxy", **common), "gold": _resolve_scorer(gold, "gold", **common)}
+    scorer = _scorer(columns, options, reward_tokenizer=reward_tokenizer, fallback_tokenizer=tok, proxy=proxy, gold=gold)
     pad_id = padding_id(tok, ref_model)
-    _check_checkpoints(items, tok, trust_remote_code)
+    check_checkpoints(items, tok, options.trust_remote_code)
 
+    sampling = options.replace(tokenizer=tok)
     frames: list[pd.DataFrame] = []
-    bar = tqdm(items, desc="checkpoints", unit="ckpt", disable=not progress or len(items) < 2, leave=False)
+    bar = tqdm(items, desc="checkpoints", unit="ckpt", disable=not options.progress or len(items) < 2, leave=False)
     try:
         for name, fields, spec in bar:
-            policy = load_causal_lm(spec, role=f"checkpoint {name!r}", device=device, dtype=dtype,
-                                    trust_remote_code=trust_remote_code)
+            policy = load_causal_lm(spec, role=f"checkpoint {name!r}", **options.loading)
             check_vocab_covers(policy, tok, role=f"checkpoint {name!r}")
-            frame = sample(
-                policy, prompt_list, n=n_samples, max_new_tokens=max_new_tokens, seed=seed, tokenizer=tok,
-                batch_size=batch_size, batch_tokens=batch_tokens, cache_dir=cache_dir,
-                chat_template_kwargs=chat_template_kwargs, progress=progress, dtype=dtype,
-            )
-            ref = engine_logprobs(
-                ref_model, prompt_ids, frame["prompt_index"], frame["tokens"], pad_id=pad_id, dtype=dtype,
-                batch_tokens=batch_tokens,
-            )
-            frame["ref_logp"] = [float(v.astype(np.float64).sum()) for v in ref]
+            frame = sample(policy, prompt_list, n=n_samples, max_new_tokens=max_new_tokens, seed=seed,
+                           batch_size=batch_size, options=sampling)
+            ref = engine_logprobs(ref_model, prompt_ids, frame["prompt_index"], frame["tokens"], pad_id=pad_id,
+                                  options=options)
+            frame["ref_logp"] = summed(ref)
             frame["log_ratio"] = frame["logp"] - frame["ref_logp"]
             frame.insert(0, "checkpoint", name)
             for k, col in enumerate(label_cols):
@@ -584,10 +285,9 @@ def checkpoint_curve(
         bar.close()
     samples = pd.concat(frames, ignore_index=True)
     samples.attrs.update(kind="checkpoint_samples", format=fmt, label_columns=label_cols)
-    scored = _score(samples, scorers, fmt=fmt, batch_tokens=batch_tokens, dtype=dtype, progress=progress,
-                    chat_template_kwargs=chat_template_kwargs)
+    scored = _score(scorer, samples, proxy, gold)
     curve = _summarise(samples, label_cols, scored, n_samples)
     return (curve, samples) if return_samples else curve
 
 
-__all__ = ["checkpoint_curve", "curve_from_samples", "kl_estimate", "mean_se"]
+__all__ = ["CURVE_SAMPLE_COLUMNS", "checkpoint_curve", "curve_from_samples", "kl_estimate", "mean_se"]
