@@ -471,3 +471,32 @@ def test_toy_world_joint_dpo_displaces_most_chosen_responses(world):
     assert t["margin"].iloc[-1] > t["margin"].iloc[0] + 0.05
     assert t["logps_chosen"].iloc[-1] < t["logps_chosen"].iloc[0]
     assert t["loss"].is_monotonic_decreasing
+
+
+def test_options_object_or_flat_keywords(models, tok, pairs):
+    policy, reference = models
+    options = rmlab.Options(tokenizer=tok, max_length=40, batch_tokens=64, progress=False)
+    flat = ches(policy, pairs, tokenizer=tok, max_length=40, batch_tokens=64, progress=False)
+    pd.testing.assert_frame_equal(ches(policy, pairs, options=options), flat)
+    run = track_dpo(policy, reference, pairs, steps=1, lr=0.1, options=options)
+    again = track_dpo(policy, reference, pairs, steps=1, lr=0.1, tokenizer=tok, max_length=40, batch_tokens=64,
+                      progress=False)
+    pd.testing.assert_frame_equal(run.trajectories, again.trajectories)
+    assert run.config["max_length"] == 40 and run.config["batch_tokens"] == 64
+    with pytest.raises(ArgumentError, match=r"unexpected keyword argument 'batch_token'.*'batch_tokens'"):
+        ches(policy, pairs, tokenizer=tok, batch_token=64)
+    with pytest.raises(ArgumentError, match="unexpected keyword argument 'cache_dir'"):
+        track_dpo(policy, reference, pairs, steps=1, lr=0.1, tokenizer=tok, cache_dir="x")  # save_dir resumes
+
+
+def test_save_dir_of_an_older_format_is_refused(models, tok, pairs, tmp_path):
+    import json
+
+    policy, reference = models
+    track_dpo(policy, reference, pairs, tokenizer=tok, save_dir=tmp_path, **run_config(steps=1))
+    meta = tmp_path / "fingerprint.json"
+    assert not [p.name for p in tmp_path.rglob("*.tmp")]  # every file written whole, no temporary left
+    saved = json.loads(meta.read_text())
+    meta.write_text(json.dumps(saved | {"format": 1}))
+    with pytest.raises(ArgumentError, match="format: saved 1, now 2"):
+        track_dpo(policy, reference, pairs, tokenizer=tok, save_dir=tmp_path, **run_config(steps=1))

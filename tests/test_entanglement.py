@@ -446,3 +446,28 @@ def test_errors_come_before_any_gradient(gpt2, tok, monkeypatch):
         gradient_similarity(policy, pairs, **kw)
     with pytest.raises(rmlab.DataError, match="gradient_similarity"):
         similarity_matrix(rmlab.implicit_rewards(policy, reference, pairs, **kw))
+
+
+def test_options_object_or_flat_keywords(gpt2, tok):
+    """The options flat or as one rmlab.Options give the same frames; unknown or inapplicable
+    keywords are refused with the closest accepted name."""
+    policy, reference = gpt2
+    pairs = make_pairs(3)
+    options = rmlab.Options(tokenizer=tok, max_length=36, progress=False)
+    flat = gradient_entanglement(policy, pairs, reference=reference, params="last:1", tokenizer=tok, max_length=36,
+                                 progress=False)
+    given = gradient_entanglement(policy, pairs, reference=reference, params="last:1", options=options)
+    np.testing.assert_array_equal(flat[STATS].to_numpy(), given[STATS].to_numpy())
+    assert flat["truncated"].tolist() == given["truncated"].tolist()
+    similar = gradient_similarity(policy, pairs, reference=reference, params="last:1", options=options)
+    np.testing.assert_allclose(
+        similar.loc[similar.pair_a == similar.pair_b, "inner"], given["pred_delta_chosen"] / given.attrs["lr"], rtol=1e-6
+    )
+    tokens = token_entanglement(policy, pairs, params="last:1", options=options.replace(max_length=None))
+    assert set(tokens["pair"]) == {0, 1, 2}
+    with pytest.raises(rmlab.ArgumentError, match=r"unexpected keyword argument 'max_lenght'.*'max_length'"):
+        gradient_entanglement(policy, pairs, tokenizer=tok, max_lenght=24)
+    with pytest.raises(rmlab.ArgumentError, match="unexpected keyword argument 'cache_dir'"):
+        gradient_similarity(policy, pairs, tokenizer=tok, cache_dir="somewhere")  # nothing is cached
+    with pytest.raises(rmlab.ArgumentError, match="unexpected keyword argument 'batch_tokens'"):
+        token_entanglement(policy, pairs, tokenizer=tok, batch_tokens=64)  # each pair runs alone

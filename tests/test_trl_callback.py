@@ -146,3 +146,15 @@ def test_argument_errors(probe):
         DiagnosticsCallback(probe, beta=-1)
     with pytest.raises(DataError):
         DiagnosticsCallback([{"prompt": "Review:", "chosen": " good"}])
+    with pytest.raises(ArgumentError, match="batch_tokens=0 must be a positive integer"):
+        DiagnosticsCallback(probe, batch_tokens=0)
+    with pytest.raises(ArgumentError, match="must be an rmlab.Options"):
+        DiagnosticsCallback(probe, options={"batch_tokens": 64})
+
+
+def test_options_reach_the_probe_computations(tok, probe):
+    given = rmlab.Options(batch_tokens=128, add_eos=False)
+    callback = DiagnosticsCallback(probe, tokenizer=tok, batch_tokens=64, options=given)
+    assert (callback.options.batch_tokens, callback.options.add_eos, callback.options.tokenizer) == (64, False, tok)
+    assert callback.options.progress is False
+    assert DiagnosticsCallback(probe, options=given).options.batch_tokens == 128
