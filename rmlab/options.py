@@ -183,7 +183,11 @@ def with_options(*names: str, defaults: Mapping | None = None) -> Callable:
             if not takes_kwargs:
                 check_names({k: v for k, v in kwargs.items() if k not in own}, fn.__name__, accepted)
             base = resolve_options(options) if options is not None else Options(**own_defaults)
-            return fn(*args, options=dataclasses.replace(base, **flat) if flat else base, **kwargs)
+            resolved = dataclasses.replace(base, **flat) if flat else base
+            # which fields the caller chose (all of them when an object was given): an object that
+            # carries its own options (a ModelPair) keeps the rest
+            object.__setattr__(resolved, "given", OPTION_NAMES if options is not None else tuple(flat))
+            return fn(*args, options=resolved, **kwargs)
 
         extra = [
             inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=own_defaults.get(n, _DEFAULTS[n]))

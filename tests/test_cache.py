@@ -21,7 +21,7 @@ import rmlab
 import rmlab.cache
 import rmlab.engine.reward_model as reward_engine
 import rmlab.rewards.dense as dense_module
-import rmlab.rewards.implicit as implicit
+import rmlab.engine.logprobs as logprob_engine
 from rmlab.toy import tiny_causal_lm, tiny_reward_model, tiny_tokenizer
 from tests.conftest import make_pairs
 
@@ -35,13 +35,13 @@ N = 12
 def counted(monkeypatch):
     """Count the pairs each cached log-prob call sends to the engine (one entry per engine call)."""
     calls: list[int] = []
-    real = implicit.token_logprobs
+    real = logprob_engine.token_logprobs
 
     def counting(model, sequences, *, groups, **kwargs):
         calls.append(len(groups))
         return real(model, sequences, groups=groups, **kwargs)
 
-    monkeypatch.setattr(implicit, "token_logprobs", counting)
+    monkeypatch.setattr(logprob_engine, "token_logprobs", counting)
     return calls
 
 
@@ -72,17 +72,17 @@ SCRIPT = textwrap.dedent(
     import torch
     torch.set_num_threads(1)
     import rmlab, rmlab.cache
-    import rmlab.rewards.implicit as implicit
+    import rmlab.engine.logprobs as logprob_engine
 
     root, cache_dir = sys.argv[1], sys.argv[2]
     rmlab.cache.CHUNK_ITEMS = 1  # a chunk file per pair
-    real = implicit.token_logprobs
+    real = logprob_engine.token_logprobs
 
     def slow(*args, **kwargs):  # slow enough that the kill lands mid-run
         time.sleep(0.3)
         return real(*args, **kwargs)
 
-    implicit.token_logprobs = slow
+    logprob_engine.token_logprobs = slow
     pairs = json.load(open(root + "/pairs.json"))
     rmlab.implicit_rewards(root + "/policy", root + "/reference", pairs, batch_tokens=1,
                            cache_dir=cache_dir, progress=False)
@@ -119,7 +119,7 @@ def test_a_killed_run_resumes_and_equals_an_uninterrupted_one(saved, tmp_path, c
     # an uninterrupted run, without a cache and with the default batches, gives the same numbers exactly
     fresh = rmlab.implicit_rewards(*args, batch_tokens=1, progress=False)
     pd.testing.assert_frame_equal(resumed, fresh, check_exact=True)
-    assert counted == []  # the uncached path does not go through the cache's engine calls
+    assert counted == [N, N], "without a cache each model scores every pair in one engine call"
     assert cached_items(cache_dir) == 2 * N
 
 
@@ -127,7 +127,7 @@ def test_keyboard_interrupt_saves_finished_pairs_and_resumes(tok, policy, refere
     pairs = make_pairs(N)
     kwargs = dict(tokenizer=tok, batch_tokens=1, progress=False)  # one pair per batch
     full = rmlab.implicit_rewards(policy, reference, pairs, **kwargs)
-    real = implicit.token_logprobs
+    real = logprob_engine.token_logprobs
     calls: list[int] = []
 
     def interrupting(model, sequences, *, groups, **kw):
@@ -136,7 +136,7 @@ def test_keyboard_interrupt_saves_finished_pairs_and_resumes(tok, policy, refere
         calls.append(len(groups))
         return real(model, sequences, groups=groups, **kw)
 
-    monkeypatch.setattr(implicit, "token_logprobs", interrupting)
+    monkeypatch.setattr(logprob_engine, "token_logprobs", interrupting)
     with pytest.raises(KeyboardInterrupt) as info:
         rmlab.implicit_rewards(policy, reference, pairs, cache_dir=tmp_path, **kwargs)
     assert "resume" in "".join(getattr(info.value, "__notes__", []))
@@ -148,7 +148,7 @@ def test_keyboard_interrupt_saves_finished_pairs_and_resumes(tok, policy, refere
         calls.append(len(groups))
         return real(*args, groups=groups, **kw)
 
-    monkeypatch.setattr(implicit, "token_logprobs", counting)
+    monkeypatch.setattr(logprob_engine, "token_logprobs", counting)
     resumed = rmlab.implicit_rewards(policy, reference, pairs, cache_dir=tmp_path, **kwargs)
     assert sum(calls) == 2 * N - 3
     pd.testing.assert_frame_equal(resumed, full, check_exact=True)
@@ -230,7 +230,7 @@ def test_beta_and_derived_settings_reuse_the_logprob_cache(tok, policy, referenc
 def test_progress_bar_counts_cached_pairs_as_done(tok, policy, reference, tmp_path, monkeypatch):
     pairs = make_pairs(5)
     kwargs = dict(tokenizer=tok, batch_tokens=1, cache_dir=tmp_path)
-    real = implicit.token_logprobs
+    real = logprob_engine.token_logprobs
     calls: list[int] = []
 
     def interrupting(*args, **kw):
@@ -239,10 +239,10 @@ def test_progress_bar_counts_cached_pairs_as_done(tok, policy, reference, tmp_pa
         calls.append(1)
         return real(*args, **kw)
 
-    monkeypatch.setattr(implicit, "token_logprobs", interrupting)
+    monkeypatch.setattr(logprob_engine, "token_logprobs", interrupting)
     with pytest.raises(KeyboardInterrupt):
         rmlab.implicit_rewards(policy, reference, pairs, progress=False, **kwargs)
-    monkeypatch.setattr(implicit, "token_logprobs", real)
+    monkeypatch.setattr(logprob_engine, "token_logprobs", real)
     bars = []
     real_tqdm = rmlab.cache.tqdm
 

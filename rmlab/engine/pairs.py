@@ -16,7 +16,7 @@ import torch
 from rmlab.engine.precision import autocast_dtype
 from rmlab.engine.runner import runner_for
 from rmlab.errors import ArgumentError, TokenizerError
-from rmlab.options import Options, resolve_options
+from rmlab.options import OPTION_NAMES, Options, resolve_options
 from rmlab.io.models import (
     check_context,
     check_same_tokenizer,
@@ -97,22 +97,18 @@ class PairInputs:
         return autocast_dtype(model, self.options.dtype)
 
 
-def prepare_pair_inputs(policy, reference, data, *, options: Options | None = None, **flat) -> PairInputs:
-    """Validate everything and tokenise as TRL's DPOTrainer; no model runs here.
+def load_pair_models(policy, reference, options: Options):
+    """Load (or check) the policy, the reference (None allowed) and their tokenizer.
 
-    ``options`` (:class:`rmlab.Options`, or its fields as flat keywords) says how to load, tokenise
-    and batch. ``reference=None`` prepares the policy alone. Raises the specific errors of
-    :mod:`rmlab.errors` for bad data, models that are not causal LMs, tokenizers that disagree or do
-    not fit the model, and sequences longer than a model's context.
+    Raises :class:`ModelError` for models that are not causal LMs and :class:`TokenizerError` for
+    tokenizers that disagree or do not fit the models; nothing runs.
     """
-    opts = resolve_options(options, "prepare_pair_inputs", **flat)
-    pairs = load_pairs(data)
-    policy_model = load_causal_lm(policy, role="policy", **opts.loading)
-    tok = load_tokenizer(opts.tokenizer, policy, role="policy", trust_remote_code=opts.trust_remote_code)
+    policy_model = load_causal_lm(policy, role="policy", **options.loading)
+    tok = load_tokenizer(options.tokenizer, policy, role="policy", trust_remote_code=options.trust_remote_code)
     check_vocab_covers(policy_model, tok, role="policy")
     ref_model = None
     if reference is not None:
-        ref_model = load_causal_lm(reference, role="reference", **opts.loading)
+        ref_model = load_causal_lm(reference, role="reference", **options.loading)
         if isinstance(reference, (str, os.PathLike)):
             try:
                 ref_tok = load_tokenizer(None, reference, role="reference")
@@ -121,7 +117,30 @@ def prepare_pair_inputs(policy, reference, data, *, options: Options | None = No
             if ref_tok is not None:
                 check_same_tokenizer(tok, ref_tok)
         check_vocab_covers(ref_model, tok, role="reference")
+    return policy_model, ref_model, tok
 
+
+def prepare_pair_inputs(policy, reference, data, *, options: Options | None = None, **flat) -> PairInputs:
+    """Validate everything and tokenise as TRL's DPOTrainer; no model runs here.
+
+    ``options`` (:class:`rmlab.Options`, or its fields as flat keywords) says how to load, tokenise
+    and batch. ``reference=None`` prepares the policy alone; a :class:`rmlab.ModelPair` as
+    ``policy`` brings its loaded models and tokenizer. Raises the specific errors of
+    :mod:`rmlab.errors` for bad data, models that are not causal LMs, tokenizers that disagree or do
+    not fit the model, and sequences longer than a model's context.
+    """
+    opts = resolve_options(options, "prepare_pair_inputs", **flat)
+    pairs = load_pairs(data)
+    from rmlab.engine.model_pair import ModelPair  # builds on this module
+
+    if isinstance(policy, ModelPair):
+        if reference is not None and reference is not policy.reference:
+            raise ArgumentError("A ModelPair brings its own reference: pass reference=None (or the pair's own).")
+        given = (*getattr(options, "given", OPTION_NAMES if options is not None else ()), *flat)
+        opts = policy.with_call(opts, given)
+        policy_model, ref_model, tok = policy.policy, policy.reference, policy.tokenizer
+    else:
+        policy_model, ref_model, tok = load_pair_models(policy, reference, opts)
     encoded = encode_pairs(pairs, tok, **opts.tokenizing)
     lengths = [
         (f"Row {i}, {side}", len(getattr(p, side).ids), p.prompt_tokens)

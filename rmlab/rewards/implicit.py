@@ -19,31 +19,33 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 
-from rmlab.cache import (
-    ChunkCache,
-    compute_dtype,
-    resolve_cache_dir,
-    run_cached,
-    sequences_digest,
-    tokenizer_digest,
-    weights_digest,
-)
-from rmlab.engine.batching import default_batch_tokens, length_batches
-from rmlab.engine.logprobs import token_logprobs
-from rmlab.engine.pairs import PairInputs, PairLogprobs, check_beta, pair_logprobs, prepare_pair_inputs
+from rmlab.cache import resolve_cache_dir
+from rmlab.engine.model_pair import ModelPair
+from rmlab.engine.pairs import PairLogprobs, check_beta
 from rmlab.errors import ArgumentError, DataError, check_choice
+from rmlab.options import CACHING, LOADING, RUNNING, TOKENIZING, Options, with_options
 from rmlab.io.tokenize import decode_tokens
 
-_SIDES = ("chosen", "rejected")
+SIDES = ("chosen", "rejected")
 
 
-def _run(
-    policy, reference, data, *, reference_free: bool, cache_dir=None, overwrite_cache: bool = False,
-    progress: bool = True, **kwargs,
-) -> PairLogprobs:
-    if reference is None and not reference_free:
+def pair_arguments(policy, reference, data):
+    """``(policy, reference, data)`` of a pair analysis: with a :class:`rmlab.ModelPair` first, the
+    second positional argument is the data (``implicit_rewards(pair, data)``)."""
+    if isinstance(policy, ModelPair) and data is None:
+        return policy, None, reference
+    if data is None:
+        raise ArgumentError("data is missing: pass the preference pairs after the policy and the reference.")
+    return policy, reference, data
+
+
+def run_pair_logprobs(policy, reference, data, *, reference_free: bool, options: Options) -> PairLogprobs:
+    """Per-token log-probs of every response under the policy and the reference, through a
+    :class:`rmlab.ModelPair` (the one given, or one built for this call)."""
+    policy, reference, data = pair_arguments(policy, reference, data)
+    has_reference = reference is not None or (isinstance(policy, ModelPair) and policy.reference is not None)
+    if not has_reference and not reference_free:
         raise ArgumentError(
             "reference=None: implicit DPO rewards are log-ratios to a reference model. Pass the "
             "reference (usually the SFT model the policy started from), or reference_free=True to "
@@ -53,79 +55,12 @@ def _run(
         raise ArgumentError(
             "reference_free=True ignores the reference model; pass reference=None to make that explicit."
         )
-    cache_dir = resolve_cache_dir(cache_dir, overwrite_cache)
-    if cache_dir is None:
-        return pair_logprobs(policy, reference, data, progress=progress, **kwargs)
-    inputs = prepare_pair_inputs(policy, reference, data, **kwargs)
-    runs = {
-        role: cached_logprobs(inputs, model, role, cache_dir, overwrite=overwrite_cache, progress=progress)
-        for role, model in (("policy", inputs.policy), ("reference", inputs.reference))
-        if model is not None
-    }
-    return PairLogprobs(
-        pairs=inputs.pairs, encoded=inputs.encoded, policy=runs["policy"], reference=runs.get("reference"),
-        tokenizer=inputs.tokenizer,
-    )
-
-
-#: Bump when a change to the engine changes the log-probs it computes (invalidates caches).
-LOGPROBS_VERSION = 1
-
-_FLOATS = pa.list_(pa.float32())
-
-
-def cached_logprobs(
-    inputs: PairInputs, model, role: str, cache_dir, *, overwrite: bool = False, progress: bool = True
-) -> list[np.ndarray]:
-    """:func:`rmlab.engine.pairs.run_logprobs` with a resumable cache in ``cache_dir``.
-
-    The entry ``logprobs-<key>`` holds, per pair, the per-token log-probs of the chosen and the
-    rejected response under ``model`` (float32, exactly as the engine returns them); its key is the
-    model's weights, the tokenizer, the token ids of every sequence (and where its response starts),
-    the device type and the compute dtype (see :mod:`rmlab.cache`). It depends on nothing else, so a
-    reference model's entry serves every policy scored against it, and ``beta`` never enters it.
-    The engine runs batch by batch on the same length-bucketed batches as without a cache, so the
-    numbers are the same as an uncached call's; finished pairs are saved in chunks as they finish.
-    """
-    device = next(model.parameters()).device
-    autocast = inputs.autocast_dtype(model)
-    seqs = inputs.sequences
-    meta = {
-        "kind": "per-token log-probs of chosen and rejected responses",
-        "version": LOGPROBS_VERSION,
-        "model": weights_digest(model),
-        "model_class": type(model).__name__,
-        "tokenizer": tokenizer_digest(inputs.tokenizer),
-        "sequences": sequences_digest((s.ids for s in seqs), (s.start for s in seqs)),
-        "pairs": len(inputs.encoded),
-        "device": device.type,
-        "compute_dtype": compute_dtype(model, autocast),
-    }
-    cache = ChunkCache(cache_dir, "logprobs", meta, overwrite=overwrite)
-    budget = inputs.batch_tokens or default_batch_tokens(device)
-    lengths = [max(len(p.chosen.ids), len(p.rejected.ids)) for p in inputs.encoded]
-    batches = length_batches(lengths, budget, width=2)  # exactly the engine's batches
-
-    def compute(todo: list[int]) -> dict[str, list]:
-        values = token_logprobs(
-            model,
-            [s for i in todo for s in (seqs[2 * i], seqs[2 * i + 1])],
-            groups=[[2 * k, 2 * k + 1] for k in range(len(todo))],
-            batch_tokens=inputs.batch_tokens,
-            pad_id=inputs.pad_id,
-            autocast_dtype=autocast,
-            progress=False,
-        )
-        return {"chosen": values[0::2], "rejected": values[1::2]}
-
-    out = run_cached(
-        cache, batches, compute, {"chosen": _FLOATS, "rejected": _FLOATS},
-        progress=progress, desc=f"{role} log-probs", unit="pair",
-    )
-    return [
-        np.asarray(v, dtype=np.float32) for pair in zip(out["chosen"], out["rejected"]) for v in pair
-    ]
-
+    if isinstance(policy, ModelPair):
+        if reference is not None and reference is not policy.reference:
+            raise ArgumentError("A ModelPair brings its own reference: pass the data after it, without a reference.")
+        return policy.logprobs(data, options=policy.with_call(options), reference=not reference_free)
+    resolve_cache_dir(options.cache_dir, options.overwrite_cache)  # a bad cache argument fails first
+    return ModelPair(policy, reference, options=options, memory=0).logprobs(data)
 
 
 def _sum(values: np.ndarray) -> float:
@@ -139,25 +74,16 @@ def _greater(margin: np.ndarray) -> pd.arrays.BooleanArray:
         return pd.arrays.BooleanArray(np.where(missing, False, margin > 0), missing)
 
 
+@with_options(*TOKENIZING, *RUNNING, *LOADING, *CACHING)
 def implicit_rewards(
     policy,
     reference,
-    data,
+    data=None,
     *,
-    tokenizer=None,
     beta: float = 0.1,
     reference_free: bool = False,
     length_normalize: bool = False,
-    max_length: int | None = None,
-    truncation_mode: str = "keep_start",
-    add_eos: bool = True,
-    batch_tokens: int | None = None,
-    device="auto",
-    dtype="auto",
-    progress: bool = True,
-    cache_dir=None,
-    overwrite_cache: bool = False,
-    **kwargs,
+    options: Options,
 ) -> pd.DataFrame:
     """Implicit DPO rewards, margins and accuracy per preference pair.
 
@@ -192,7 +118,12 @@ def implicit_rewards(
             scored against the same reference. Delete the folder to clear it. None (default): no
             cache.
         overwrite_cache: delete this call's cache entries first and compute everything afresh.
-        **kwargs: ``chat_template_kwargs``, ``trust_remote_code``.
+        chat_template_kwargs, trust_remote_code, revision, use_safetensors, runner: see
+            :class:`rmlab.Options`.
+        options: all of the above as one :class:`rmlab.Options` (flat keywords override it).
+
+    ``policy`` may be a :class:`rmlab.ModelPair` (then ``implicit_rewards(pair, data, ...)``): its
+    models stay loaded and its log-probs are reused by every later analysis of the same data.
 
     Returns:
         One row per pair: ``pair``, ``logps_chosen``, ``logps_rejected``, ``ref_logps_chosen``,
@@ -215,26 +146,10 @@ def implicit_rewards(
         ['pair', 'logps_chosen', 'logps_rejected', 'ref_logps_chosen']
     """
     beta = check_beta(beta)
-    lp = _run(
-        policy,
-        reference,
-        data,
-        reference_free=reference_free,
-        tokenizer=tokenizer,
-        max_length=max_length,
-        truncation_mode=truncation_mode,
-        add_eos=add_eos,
-        batch_tokens=batch_tokens,
-        device=device,
-        dtype=dtype,
-        progress=progress,
-        cache_dir=cache_dir,
-        overwrite_cache=overwrite_cache,
-        **kwargs,
-    )
+    lp = run_pair_logprobs(policy, reference, data, reference_free=reference_free, options=options)
     n = len(lp.encoded)
     cols: dict[str, np.ndarray] = {"pair": np.arange(n)}
-    for side in _SIDES:
+    for side in SIDES:
         logps = np.array([_sum(lp.side(side, i)) for i in range(n)])
         tokens = np.array([len(lp.side(side, i)) for i in range(n)])
         ref = (
@@ -297,12 +212,12 @@ def dpo_metrics(frame: pd.DataFrame, *, empty_responses: str = "drop") -> pd.Ser
         raise DataError(f"dpo_metrics needs a frame from rmlab.implicit_rewards; it lacks {missing}.")
     if empty_responses == "drop":
         f = frame[frame["margin"].notna()]
-        rewards = {side: f[f"reward_{side}"].to_numpy(np.float64) for side in _SIDES}
-        logps = {side: f[f"logps_{side}"].to_numpy(np.float64) for side in _SIDES}
+        rewards = {side: f[f"reward_{side}"].to_numpy(np.float64) for side in SIDES}
+        logps = {side: f[f"logps_{side}"].to_numpy(np.float64) for side in SIDES}
         correct = f["correct"].astype(float).to_numpy()
     else:
         rewards, logps = {}, {}
-        for side in _SIDES:
+        for side in SIDES:
             count = f"tokens_{side}"
             empty = (frame[count] == 0) if count in frame else frame[f"reward_{side}"].isna()
             rewards[side] = frame[f"reward_{side}"].mask(empty, 0.0).to_numpy(np.float64)
@@ -326,11 +241,11 @@ def dpo_metrics(frame: pd.DataFrame, *, empty_responses: str = "drop") -> pd.Ser
     )
 
 
-def _token_table(lp: PairLogprobs, beta: float, reference_free: bool) -> pd.DataFrame:
+def token_table(lp: PairLogprobs, beta: float, reference_free: bool) -> pd.DataFrame:
     """The long per-token frame shared by :func:`token_rewards` and :func:`rmlab.step_rewards`."""
     parts = []
     for i, pair in enumerate(lp.encoded):
-        for side in _SIDES:
+        for side in SIDES:
             seq = getattr(pair, side)
             logp = lp.side(side, i).astype(np.float64)
             ref = (
@@ -356,28 +271,13 @@ def _token_table(lp: PairLogprobs, beta: float, reference_free: bool) -> pd.Data
             )
     frame = pd.concat(parts, ignore_index=True)
     frame.insert(4, "token", decode_tokens(lp.tokenizer, frame["token_id"].to_numpy()))
-    frame["side"] = pd.Categorical(frame["side"], categories=list(_SIDES))
+    frame["side"] = pd.Categorical(frame["side"], categories=list(SIDES))
     return frame
 
 
+@with_options(*TOKENIZING, *RUNNING, *LOADING, *CACHING)
 def token_rewards(
-    policy,
-    reference,
-    data,
-    *,
-    tokenizer=None,
-    beta: float = 0.1,
-    reference_free: bool = False,
-    max_length: int | None = None,
-    truncation_mode: str = "keep_start",
-    add_eos: bool = True,
-    batch_tokens: int | None = None,
-    device="auto",
-    dtype="auto",
-    progress: bool = True,
-    cache_dir=None,
-    overwrite_cache: bool = False,
-    **kwargs,
+    policy, reference, data=None, *, beta: float = 0.1, reference_free: bool = False, options: Options
 ) -> pd.DataFrame:
     """Token-level implicit rewards ``r_t = beta * (log pi(y_t|.) - log pi_ref(y_t|.))``.
 
@@ -393,12 +293,7 @@ def token_rewards(
         and side gives ``reward_chosen`` / ``reward_rejected`` of :func:`implicit_rewards`.
     """
     beta = check_beta(beta)
-    lp = _run(
-        policy, reference, data, reference_free=reference_free, tokenizer=tokenizer,
-        max_length=max_length, truncation_mode=truncation_mode, add_eos=add_eos,
-        batch_tokens=batch_tokens, device=device, dtype=dtype, progress=progress, cache_dir=cache_dir,
-        overwrite_cache=overwrite_cache, **kwargs,
-    )
-    frame = _token_table(lp, beta, reference_free)
+    lp = run_pair_logprobs(policy, reference, data, reference_free=reference_free, options=options)
+    frame = token_table(lp, beta, reference_free)
     frame.attrs.update(beta=beta, reference_free=reference_free)
     return frame

@@ -20,13 +20,14 @@ import pandas as pd
 from rmlab.engine.pairs import check_beta
 from rmlab.errors import ArgumentError
 from rmlab.io.pairs import read_table
-from rmlab.rewards.implicit import _SIDES, _run, _token_table
+from rmlab.options import CACHING, LOADING, RUNNING, TOKENIZING, Options, with_options
+from rmlab.rewards.implicit import SIDES, pair_arguments, run_pair_logprobs, token_table
 
 
 def _join_steps(data, delimiter: str):
     """Rows whose chosen/rejected are lists of step strings become one text joined by ``delimiter``."""
     frame = read_table(data)
-    for column in _SIDES:
+    for column in SIDES:
         if column in frame.columns:
             frame[column] = [
                 delimiter.join(v) if isinstance(v, (list, tuple)) and v and all(isinstance(s, str) for s in v)
@@ -71,25 +72,16 @@ def _step_ends(tokenizer, ids, delimiter: str) -> list[int]:
     return ends
 
 
+@with_options(*TOKENIZING, *RUNNING, *LOADING, *CACHING)
 def step_rewards(
     policy,
     reference,
-    data,
+    data=None,
     *,
     delimiter: str = "\n\n",
-    tokenizer=None,
     beta: float = 0.1,
     reference_free: bool = False,
-    max_length: int | None = None,
-    truncation_mode: str = "keep_start",
-    add_eos: bool = True,
-    batch_tokens: int | None = None,
-    device="auto",
-    dtype="auto",
-    progress: bool = True,
-    cache_dir=None,
-    overwrite_cache: bool = False,
-    **kwargs,
+    options: Options,
 ) -> pd.DataFrame:
     """Process (step) rewards of an implicit PRM.
 
@@ -113,13 +105,9 @@ def step_rewards(
     beta = check_beta(beta)
     if not isinstance(delimiter, str) or not delimiter:
         raise ArgumentError(f"delimiter={delimiter!r} must be a non-empty string, e.g. '\\n\\n'.")
-    lp = _run(
-        policy, reference, _join_steps(data, delimiter), reference_free=reference_free,
-        tokenizer=tokenizer, max_length=max_length, truncation_mode=truncation_mode, add_eos=add_eos,
-        batch_tokens=batch_tokens, device=device, dtype=dtype, progress=progress, cache_dir=cache_dir,
-        overwrite_cache=overwrite_cache, **kwargs,
-    )
-    tokens = _token_table(lp, beta, reference_free)
+    policy, reference, data = pair_arguments(policy, reference, data)
+    lp = run_pair_logprobs(policy, reference, _join_steps(data, delimiter), reference_free=reference_free, options=options)
+    tokens = token_table(lp, beta, reference_free)
     rows = []
     for (i, side), group in tokens.groupby(["pair", "side"], sort=True, observed=True):
         ids = group["token_id"].to_numpy()
@@ -141,6 +129,6 @@ def step_rewards(
             begin = end + 1
     frame = pd.DataFrame(rows)
     frame["min_step_reward"] = frame.groupby(["pair", "side"], observed=True)["reward"].transform("min")
-    frame["side"] = pd.Categorical(frame["side"], categories=list(_SIDES))
+    frame["side"] = pd.Categorical(frame["side"], categories=list(SIDES))
     frame.attrs.update(beta=beta, reference_free=reference_free, delimiter=delimiter)
     return frame
