@@ -13,160 +13,23 @@ pool, so resampling *them* measures how far the points lie from the form (lack o
 much the curve would move with other prompts and samples. With the per-prompt expectations that
 :func:`rmlab.best_of_n` returns (``<y>_by_prompt``), prompts are drawn with replacement, the curve
 is recomputed from each resampled pool and refitted.
+
+The forms and the fitted-curve object live in :mod:`rmlab.diagnostics.scaling_forms`, the
+bootstrap in :mod:`rmlab.diagnostics.fit_bootstrap`.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
+from rmlab.diagnostics.fit_bootstrap import fit_intervals, point_bootstrap, prompt_bootstrap
+from rmlab.diagnostics.scaling_forms import FORMS, OveroptimizationFit, features, peak
 from rmlab.errors import ArgumentError, DataError, closest
 
-FORMS = ("bon", "rl")
 RESAMPLE = ("auto", "prompts", "points")
-#: Entries of the (points x draws x prompts) index block of one chunk of prompt-bootstrap draws.
-_CHUNK = 4_000_000
-
-
-def _features(form: str, d: np.ndarray) -> np.ndarray:
-    d = np.asarray(d, dtype=np.float64)
-    if form == "bon":
-        return np.stack([d, d * d], axis=-1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        dlogd = np.where(d > 0, d * np.log(np.where(d > 0, d, 1.0)), 0.0)
-    return np.stack([d, dlogd], axis=-1)
-
-
-def _curve(form: str, alpha, beta, d) -> np.ndarray:
-    """``R(d)`` (relative to the start) for parameter arrays broadcast against ``d``."""
-    x = _features(form, d)
-    return alpha * x[..., 0] - beta * x[..., 1]
-
-
-def _peak(form: str, alpha, beta) -> tuple[np.ndarray, np.ndarray]:
-    """Peak ``d*`` and ``R(d*)`` of the fitted form; ``d* = inf``, ``R = NaN`` where there is no peak."""
-    alpha = np.asarray(alpha, dtype=np.float64)
-    beta = np.asarray(beta, dtype=np.float64)
-    d = np.full(alpha.shape, np.inf)
-    gain = np.full(alpha.shape, np.nan)
-    rising = beta > 0
-    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
-        if form == "bon":
-            d = np.where(rising, np.maximum(alpha / (2 * beta), 0.0), d)
-            gain = np.where(rising, d * (alpha - beta * d), gain)
-        else:
-            d = np.where(rising, np.exp(alpha / beta - 1.0), d)
-            gain = np.where(rising, beta * d, gain)
-    flat_down = (beta == 0) & (alpha <= 0)  # a straight line that never rises: best at the start
-    d = np.where(flat_down, 0.0, d)
-    gain = np.where(flat_down, 0.0, gain)
-    return d, gain
-
-
-def _interval(samples: np.ndarray, level: float) -> tuple[float, float]:
-    samples = np.asarray(samples, dtype=np.float64)
-    samples = samples[~np.isnan(samples)]
-    if len(samples) == 0:
-        return (float("nan"), float("nan"))
-    q = [(1 - level) / 2, (1 + level) / 2]
-    method = "linear" if np.isfinite(samples).all() else "inverted_cdf"
-    lo, hi = np.quantile(samples, q, method=method)
-    return (float(lo), float(hi))
-
-
-@dataclass
-class OveroptimizationFit:
-    """A fitted overoptimization curve (Gao et al. 2022); built by :func:`fit_overoptimization`.
-
-    ``fit(kl)`` / ``fit.predict(kl)`` evaluate the fitted reward (in the frame's units, offset added
-    back) at any KL; ``fit.band(kl)`` gives the pointwise bootstrap interval; ``fit.to_frame()`` one
-    row per parameter with its interval. ``resampled`` says what the bootstrap drew: ``"prompts"``
-    (``prompts`` of them, the curve recomputed per draw) or ``"points"``; ``boot_offset`` holds
-    each draw's offset (it moves with the prompts when it is the curve's own ``KL = 0`` value).
-    """
-
-    form: str
-    alpha: float
-    beta: float
-    alpha_ci: tuple[float, float]
-    beta_ci: tuple[float, float]
-    peak_kl: float
-    peak_kl_ci: tuple[float, float]
-    peak_gold: float
-    peak_gold_ci: tuple[float, float]
-    r2: float
-    offset: float
-    relative: bool
-    x: str
-    y: str
-    n_points: int
-    level: float
-    bootstrap: int
-    points: pd.DataFrame = field(repr=False)
-    boot_alpha: np.ndarray = field(repr=False)
-    boot_beta: np.ndarray = field(repr=False)
-    name: str | None = None
-    notes: list = field(default_factory=list)
-    resampled: str = "points"
-    prompts: int | None = None
-    boot_offset: np.ndarray | None = field(default=None, repr=False)
-
-    def predict(self, kl) -> np.ndarray:
-        """Fitted reward at ``kl`` (scalar or array), offset included: ``offset + R(sqrt(kl))``."""
-        d = np.sqrt(np.asarray(kl, dtype=np.float64))
-        return self.offset + _curve(self.form, self.alpha, self.beta, d)
-
-    __call__ = predict
-
-    def band(self, kl, level: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Pointwise bootstrap percentile interval of the fitted curve at ``kl`` (NaN without bootstrap)."""
-        level = self.level if level is None else level
-        d = np.sqrt(np.atleast_1d(np.asarray(kl, dtype=np.float64)))
-        if len(self.boot_alpha) == 0:
-            nan = np.full(d.shape, np.nan)
-            return nan, nan.copy()
-        curves = _curve(self.form, self.boot_alpha[:, None], self.boot_beta[:, None], d[None, :])
-        offsets = np.full(len(curves), self.offset) if self.boot_offset is None else self.boot_offset
-        lo, hi = np.quantile(curves + offsets[:, None], [(1 - level) / 2, (1 + level) / 2], axis=0)
-        return lo, hi
-
-    def to_frame(self) -> pd.DataFrame:
-        """One row per quantity: ``parameter``, ``estimate``, ``lower``, ``upper`` (bootstrap interval)."""
-        nan = (float("nan"), float("nan"))
-        rows = [
-            ("alpha", self.alpha, self.alpha_ci),
-            ("beta", self.beta, self.beta_ci),
-            ("peak_kl", self.peak_kl, self.peak_kl_ci),
-            (f"peak_{self.y}", self.peak_gold, self.peak_gold_ci),
-            ("r2", self.r2, nan),
-            ("offset", self.offset, nan),
-        ]
-        frame = pd.DataFrame(
-            [{"parameter": p, "estimate": float(e), "lower": ci[0], "upper": ci[1]} for p, e, ci in rows]
-        )
-        frame.attrs.update(form=self.form, level=self.level, bootstrap=self.bootstrap, resampled=self.resampled,
-                           prompts=self.prompts, notes=list(self.notes))
-        return frame
-
-    def __repr__(self) -> str:
-        def ci(pair):
-            return f"[{pair[0]:.4g}, {pair[1]:.4g}]"
-
-        formula = "d*(alpha - beta*d)" if self.form == "bon" else "d*(alpha - beta*log d)"
-        lines = [
-            f"OveroptimizationFit(form={self.form!r}: {self.y} - offset = {formula}, d = sqrt({self.x}))",
-            f"  alpha     = {self.alpha:.4g}  {int(self.level * 100)}% CI {ci(self.alpha_ci)}",
-            f"  beta      = {self.beta:.4g}  {int(self.level * 100)}% CI {ci(self.beta_ci)}",
-            f"  peak_kl   = {self.peak_kl:.4g}  CI {ci(self.peak_kl_ci)}",
-            f"  peak_{self.y} = {self.peak_gold:.4g}  CI {ci(self.peak_gold_ci)}",
-            f"  r2 = {self.r2:.4f}, offset = {self.offset:.4g}, points = {self.n_points}, bootstrap = {self.bootstrap}"
-            + (f" resamples of {self.prompts} prompts" if self.resampled == "prompts" else " resamples of the points"),
-        ]
-        lines += [f"  note: {n}" for n in self.notes]
-        return "\n".join(lines)
 
 
 def _column(frame: pd.DataFrame, name: str, role: str) -> np.ndarray:
@@ -380,79 +243,41 @@ def fit_overoptimization(
             f"{len(np.unique(d[d > 0]))} (after setting aside the KL = 0 offset point)."
         )
 
-    features = _features(form, d)
+    design = features(form, d)
     sw = np.sqrt(w)
-    coef, *_ = np.linalg.lstsq(features * sw[:, None], target * sw, rcond=None)
+    coef, *_ = np.linalg.lstsq(design * sw[:, None], target * sw, rcond=None)
     alpha, beta = float(coef[0]), float(-coef[1])
-    fitted = features @ coef
+    fitted = design @ coef
     ss_res = float((w * (target - fitted) ** 2).sum())
     centre = float((w * target).sum() / w.sum())
     ss_tot = float((w * (target - centre) ** 2).sum())
     r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else float("nan")
 
-    boot_a = np.empty(0)
-    boot_b = np.empty(0)
-    boot_off = np.empty(0)
+    boot_a = boot_b = boot_off = np.empty(0)
     prompts = None if by_prompt is None else int(by_prompt.shape[1])
     if bootstrap and by_prompt is not None and prompts < 2:
         notes.append("one prompt only: the prompts cannot be resampled, so there are no intervals")
     elif bootstrap and by_prompt is not None:
-        # bootstrap over prompts: each draw recomputes the curve (and the offset) from the resampled pool
-        rng = np.random.default_rng(seed)
-        inside = by_prompt[keep]
+        # each draw recomputes the curve (and the offset) from the resampled pool
         at_zero = by_prompt[zero_rows] if zero_rows is not None else None
-        design = features * sw[:, None]
-        rows_used = len(inside) + (0 if at_zero is None else len(at_zero))
-        per_chunk = max(1, _CHUNK // (prompts * rows_used))
-        parts_a, parts_b, parts_off = [], [], []
-        for start in range(0, int(bootstrap), per_chunk):
-            idx = rng.integers(0, prompts, size=(min(per_chunk, int(bootstrap) - start), prompts))
-            curves = inside[:, idx].mean(axis=-1)  # (points, draws)
-            offsets = at_zero[:, idx].mean(axis=-1).mean(axis=0) if at_zero is not None else np.full(len(idx), base)
-            sol, *_ = np.linalg.lstsq(design, (curves - offsets[None, :]) * sw[:, None], rcond=None)
-            parts_a.append(sol[0])
-            parts_b.append(-sol[1])
-            parts_off.append(offsets)
-        boot_a, boot_b, boot_off = np.concatenate(parts_a), np.concatenate(parts_b), np.concatenate(parts_off)
+        boot_a, boot_b, boot_off = prompt_bootstrap(design * sw[:, None], sw, by_prompt[keep], at_zero, base,
+                                                    int(bootstrap), seed)
     elif bootstrap:
-        # bootstrap over points: a (B, m) index matrix, 2x2 normal equations solved at once
-        rng = np.random.default_rng(seed)
-        m = len(d)
-        idx = rng.integers(0, m, size=(int(bootstrap), m))
-        xb = features[idx] * sw[idx][..., None]
-        yb = target[idx] * sw[idx]
-        xtx = np.einsum("bmi,bmj->bij", xb, xb)
-        xty = np.einsum("bmi,bm->bi", xb, yb)
-        distinct = np.array([len(np.unique(row[d[row] > 0])) >= 2 for row in idx])
-        det = xtx[:, 0, 0] * xtx[:, 1, 1] - xtx[:, 0, 1] * xtx[:, 1, 0]
-        scale = xtx[:, 0, 0] * xtx[:, 1, 1]
-        ok = distinct & (np.abs(det) > 1e-12 * np.where(scale > 0, scale, 1.0))
-        sol = np.linalg.solve(xtx[ok], xty[ok][..., None])[..., 0]
-        boot_a, boot_b = sol[:, 0], -sol[:, 1]
+        boot_a, boot_b, dropped = point_bootstrap(design, target, sw, d, int(bootstrap), seed)
         boot_off = np.full(len(boot_a), base)
         why = "resample='points'" if by_column in frame.columns else f"no per-prompt {by_column!r} to resample prompts with"
         notes.append(
-            f"intervals: bootstrap resamples of the {m} points, as if they were independent measurements ({why}); "
+            f"intervals: bootstrap resamples of the {len(d)} points, as if they were independent measurements ({why}); "
             "the points of a best-of-n curve come from one pool, and for them such intervals measure lack of fit "
             "rather than uncertainty"
         )
-        dropped = int((~ok).sum())
         if dropped:
             notes.append(f"{dropped} of {bootstrap} bootstrap resamples had < 2 distinct points and were dropped")
-    peak_d, peak_gain = _peak(form, alpha, beta)
+    peak_d, peak_gain = peak(form, alpha, beta)
     peak_d, peak_gain = float(peak_d), float(peak_gain)
     if not math.isfinite(peak_d):
         notes.append(f"beta = {beta:.3g} <= 0: the fitted {y} keeps rising with KL (no peak)")
-    if len(boot_a):
-        bd, bg = _peak(form, boot_a, boot_b)
-        nopeak = float(np.mean(~np.isfinite(bd)))
-        if nopeak > 0:
-            notes.append(f"{nopeak:.1%} of bootstrap fits have no peak (beta <= 0)")
-        alpha_ci, beta_ci = _interval(boot_a, level), _interval(boot_b, level)
-        peak_kl_ci = _interval(bd**2, level)
-        peak_gold_ci = _interval((bg + boot_off)[np.isfinite(bg)], level)
-    else:
-        alpha_ci = beta_ci = peak_kl_ci = peak_gold_ci = (float("nan"), float("nan"))
+    alpha_ci, beta_ci, peak_kl_ci, peak_gold_ci = fit_intervals(form, boot_a, boot_b, boot_off, level, notes)
     points = pd.DataFrame({x: kl[keep], "d": d, y: reward[keep], "relative": target, "weight": w, "fitted": fitted + base})
     name = None
     if "proxy_name" in frame.columns and frame["proxy_name"].nunique() == 1:
@@ -466,3 +291,6 @@ def fit_overoptimization(
         bootstrap=int(len(boot_a)), points=points, boot_alpha=boot_a, boot_beta=boot_b, name=name, notes=notes,
         resampled=resample, prompts=prompts, boot_offset=boot_off,
     )
+
+
+__all__ = ["FORMS", "RESAMPLE", "OveroptimizationFit", "fit_overoptimization"]
