@@ -83,3 +83,15 @@ def test_a_pair_brings_its_own_reference():
     assert rmlab.implicit_rewards(alone, make_pairs(2), reference_free=True)["ref_logps_chosen"].isna().all()
     with pytest.raises(ArgumentError, match="Did you mean 'max_length'"):
         rmlab.ModelPair(policy, reference, max_lenght=3)
+
+
+def test_gradient_entanglement_takes_the_pairs_reference():
+    tok = tiny_tokenizer()
+    policy, reference = tiny_causal_lm("gpt2", seed=1), tiny_causal_lm("gpt2", seed=2)
+    pairs = make_pairs(3, seed=6)
+    pair = rmlab.ModelPair(policy, reference, tokenizer=tok, progress=False)
+    pd.testing.assert_frame_equal(
+        rmlab.gradient_entanglement(pair, pairs, params="last:1"),
+        rmlab.gradient_entanglement(policy, pairs, reference=reference, params="last:1", tokenizer=tok, progress=False),
+        check_exact=True,
+    )
