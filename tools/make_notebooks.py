@@ -166,7 +166,7 @@ def reward_model_notebook():
             "report = rmlab.reward_model_report(scores)\n"
             "report.summary"
         ),
-        new_code_cell("plots.calibration_diagram(report)"),
+        new_code_cell("plots.calibration_diagram(report.calibration)"),
         new_markdown_cell(
             "**What to look for:** points below the diagonal are over-confident bins. In the toy world the diamonds "
             "show the *true* probability that the preferred side wins (known from the labelling noise), so you can "
@@ -352,7 +352,7 @@ def entanglement_notebook():
         new_code_cell(
             "similarity = rmlab.gradient_similarity(policy, pairs.head(30), reference=reference, tokenizer=tokenizer,\n"
             "                                       beta=0.1, params=params, projection_dim=projection_dim)\n"
-            "plots.similarity_matrix(similarity)"
+            "plots.similarity_heatmap(similarity)"
         ),
         new_code_cell(
             "off = similarity[similarity.pair_a != similarity.pair_b]\n"
@@ -659,7 +659,7 @@ def tour_notebook():
             "report = rmlab.reward_model_report(scores, implicit=rewards)\n"
             "report.summary.round(3)"
         ),
-        new_code_cell("plots.calibration_diagram(report)"),
+        new_code_cell("plots.calibration_diagram(report.calibration)"),
         new_markdown_cell(
             "## 3. Gradient entanglement\n"
             "A DPO step raises the margin, but can lower the chosen response too: to first order the chosen log-prob "
@@ -719,7 +719,7 @@ def tour_notebook():
             "- `03_gradient_entanglement.ipynb`: the first-order prediction checked against real steps; tokens and pairs that entangle.\n"
             "- `04_likelihood_displacement.ipynb`: tracked DPO runs, where the probability mass goes, CHES.\n"
             "- `05_overoptimization.ipynb`: best-of-n, ensembles, checkpoints and the fitted laws.\n\n"
-            "To share an analysis without Jupyter, `rmlab report` (or `rmlab.report(...)`) writes one self-contained "
+            "To share an analysis without Jupyter, `rmlab report` (or `rmlab.html_report(...)`) writes one self-contained "
             "HTML file of these figures."
         ),
     ]
