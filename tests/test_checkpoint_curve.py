@@ -200,3 +200,36 @@ def test_interrupt_keeps_finished_checkpoints(tok, monkeypatch):
         checkpoint_curve({"a": ref, "b": tiny_causal_lm("gpt2", seed=1)}, ref, ["The movie was"], n_samples=3,
                          max_new_tokens=2, tokenizer=tok, progress=False)
     assert len(info.value.partial) == 3 and set(info.value.partial["checkpoint"]) == {"a"}
+
+
+def test_curve_scorers_are_best_of_n_scorers(tok):
+    """One resolver serves checkpoint curves and best-of-n: ensembles, arrays and TRL-style callables
+    score a samples frame; a reward model's scores equal best_of_n's on the same rows, empty
+    completions included."""
+    rng = np.random.default_rng(0)
+    n = 12
+    samples = pd.DataFrame({
+        "checkpoint": ["a"] * 6 + ["b"] * 6, "prompt_index": [0, 0, 0, 1, 1, 1] * 2,
+        "prompt": (["The movie was"] * 3 + ["A"] * 3) * 2,
+        "completion": ["", " great", " dull fun", " bad", " good good", " fine"] * 2,
+        "n_tokens": rng.integers(1, 5, n), "finished": [True] * n, "log_ratio": rng.normal(size=n),
+        "r0": rng.normal(size=n), "r1": rng.normal(size=n),
+    })
+    curve = curve_from_samples(
+        samples, proxy=rmlab.ensemble(["r0", "r1"], "worst"),
+        gold=lambda prompts, completions, **kw: [len(c) for c in completions], progress=False,
+    )
+    worst = np.minimum(samples["r0"], samples["r1"])
+    np.testing.assert_allclose(curve["proxy"], worst.groupby([samples["checkpoint"], samples["prompt_index"]]).mean()
+                               .groupby(level=0).mean().to_numpy())
+    arrays = curve_from_samples(samples, proxy=worst.to_numpy(), progress=False)
+    np.testing.assert_allclose(arrays["proxy"], curve["proxy"])
+
+    rm = rmlab.toy.tiny_reward_model("gpt2", seed=3)
+    _, scored = curve_from_samples(samples, proxy=rm, tokenizer=tok, progress=False, return_samples=True)
+    bon = rmlab.best_of_n(samples.assign(n=1.0), proxy=rm, gold="n", n_values=[1], tokenizer=tok, progress=False)
+    per_prompt = scored.groupby("prompt")["proxy"].mean().sort_index().to_numpy()
+    np.testing.assert_allclose(bon["proxy_by_prompt"].iloc[0], per_prompt, rtol=1e-6)
+    # the options object is taken as it is, flat keywords on top
+    again = curve_from_samples(samples, proxy=rm, options=rmlab.Options(tokenizer=tok, progress=False))
+    np.testing.assert_allclose(again["proxy"], curve_from_samples(samples, proxy=rm, tokenizer=tok, progress=False)["proxy"])

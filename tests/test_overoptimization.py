@@ -202,6 +202,24 @@ def test_reward_model_scorer_matches_reward_scores(tok):
     assert curve.gold.iloc[1] == pytest.approx(best)
 
 
+def test_reward_model_scorer_takes_options(tok):
+    """best_of_n takes rmlab.Options (flat keywords on top); reward-model options reach the scoring."""
+    import rmlab
+    from rmlab.toy import tiny_reward_model
+
+    rm = tiny_reward_model("gpt2", seed=3)
+    rng = np.random.default_rng(1)
+    frame = pd.DataFrame({"prompt": ["Review:"] * 4, "completion": [language.sample_review(rng) for _ in range(4)]})
+    frame["gold"] = language.gold_reward(frame.completion)
+    flat = best_of_n(frame, proxy=rm, gold="gold", tokenizer=tok, n_values=[1, 4], progress=False)
+    opts = rmlab.Options(tokenizer=tok, progress=False)
+    pd.testing.assert_frame_equal(best_of_n(frame, proxy=rm, gold="gold", n_values=[1, 4], options=opts), flat)
+    cut = best_of_n(frame, proxy=rm, gold="gold", n_values=[1], options=opts, max_length=6)
+    direct = rmlab.reward_scores(rm, frame[["prompt", "completion"]], tokenizer=tok, max_length=6, progress=False)
+    assert cut.proxy.iloc[0] == pytest.approx(direct["score"].mean(), rel=1e-6)
+    assert cut.proxy.iloc[0] != pytest.approx(flat.proxy.iloc[0], rel=1e-6)
+
+
 def test_every_model_is_checked_before_any_scores(tok, monkeypatch):
     from rmlab.errors import ModelError
     from rmlab.toy import tiny_causal_lm, tiny_reward_model

@@ -12,6 +12,7 @@ import torch
 import rmlab
 import rmlab.engine.sampling as sampling
 from rmlab.engine.sampling import SamplingInterrupted, completion_logprobs, sample
+from rmlab.engine.vllm_backend import vllm_available
 from rmlab.toy import tiny_causal_lm, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run fastest on one thread
@@ -226,7 +227,7 @@ def test_errors_come_before_any_sampling(tok, monkeypatch):
         args = {"prompts": PROMPTS, **ok, **change}
         with pytest.raises(error, match=message):
             sample(missing, **args)
-    if not sampling._vllm_available()[0]:
+    if not vllm_available()[0]:
         with pytest.raises(rmlab.ArgumentError, match="vllm"):
             sample(missing, PROMPTS, backend="vllm", **ok)
     short = tiny_causal_lm("gpt2", seed=0, n_positions=32)
@@ -241,3 +242,54 @@ def test_errors_come_before_any_sampling(tok, monkeypatch):
         sample(rmlab.toy.tiny_reward_model("gpt2"), PROMPTS, **ok)
     with pytest.raises(rmlab.ArgumentError, match="eos_token_id"):
         sample(model, PROMPTS, eos_token_id="x", **ok)
+
+
+def test_options_object_equals_flat_keywords_and_the_runner_does_the_work(tok, monkeypatch):
+    """sample takes rmlab.Options (flat keywords on top) and decodes and scores through the runner
+    the options name, never around it."""
+    import rmlab.options as options_module
+    from rmlab.engine.runner import LocalRunner, register_runner
+
+    model = sharpened(8, scale=3.0)
+    flat = sample(model, PROMPTS, n=2, max_new_tokens=5, tokenizer=tok, seed=4, batch_tokens=64, progress=False)
+    opts = rmlab.Options(tokenizer=tok, batch_tokens=64, progress=False)
+    pd.testing.assert_frame_equal(sample(model, PROMPTS, n=2, max_new_tokens=5, seed=4, options=opts), flat)
+    calls = []
+
+    class Counting(LocalRunner):
+        def decode(self, *args, **kwargs):
+            calls.append("decode")
+            return super().decode(*args, **kwargs)
+
+        def logprobs(self, *args, **kwargs):
+            calls.append("logprobs")
+            return super().logprobs(*args, **kwargs)
+
+    monkeypatch.setattr(options_module, "RUNNERS", options_module.RUNNERS)  # restored after the test
+    register_runner("counting", Counting)
+    counted = sample(model, PROMPTS, n=2, max_new_tokens=5, seed=4, options=opts.replace(runner="counting"))
+    pd.testing.assert_frame_equal(counted, flat)
+    assert "decode" in calls and "logprobs" in calls
+    calls.clear()
+    completion_logprobs(model, flat, options=opts.replace(runner="counting"))
+    assert calls == ["logprobs"]
+    with pytest.raises(rmlab.ArgumentError, match="Did you mean 'batch_size'"):
+        sample(model, PROMPTS, n=1, max_new_tokens=2, tokenizer=tok, bach_size=2)
+
+
+def test_cache_key_is_built_from_the_cache_digests(tok, tmp_path):
+    """The samples entry is keyed like every other cache: weights, tokenizer and token-id digests of
+    rmlab.cache, the compute dtype, and the sampler version."""
+    import json
+
+    from rmlab.cache import sequences_digest, tokenizer_digest, weights_digest
+    from rmlab.engine.sampling_inputs import encode_prompts
+
+    model = sharpened(9, scale=3.0)
+    sample(model, PROMPTS, n=1, max_new_tokens=3, tokenizer=tok, cache_dir=tmp_path, progress=False)
+    (entry,) = list(tmp_path.glob("samples-*"))
+    meta = json.loads((entry / "meta.json").read_text())
+    assert meta["version"] == sampling.SAMPLER_VERSION == 2
+    assert meta["model"] == weights_digest(model) and meta["tokenizer"] == tokenizer_digest(tok)
+    assert meta["prompts"] == sequences_digest(encode_prompts(PROMPTS, "text", tok)) and meta["count"] == 3
+    assert meta["compute_dtype"] == "torch.float32" and meta["device"] == "cpu"

@@ -147,9 +147,7 @@ class SampleScorer:
                     f"{where}={text!r} is neither a column of the samples ({', '.join(self.columns)}) nor an "
                     "existing reward-model folder."
                 )
-            self._pending.append((where, spec))
-            self.needs_texts = True
-            return
+            return self._reward_model(spec, where)
         if isinstance(spec, (np.ndarray, pd.Series)):
             if self.frame is not None:
                 self._array(spec, where)
@@ -160,9 +158,7 @@ class SampleScorer:
                     f"{where} is a causal LM ({type(spec).__name__}), not a reward model: pass a sequence "
                     "classifier, a callable on completions, or a column name."
                 )
-            self._pending.append((where, spec))
-            self.needs_texts = True
-            return
+            return self._reward_model(spec, where)
         if callable(spec):
             call_mode(spec, self.call_with, where)
             self.needs_texts = True
@@ -171,6 +167,11 @@ class SampleScorer:
             f"{where}: cannot score with {spec!r} (a {type(spec).__name__}). Pass a column name, a reward model "
             "(or its path), a callable(prompts, completions) -> scores, an array of scores, or rmlab.ensemble(...)."
         )
+
+    def _reward_model(self, spec, where: str) -> None:
+        """Note a reward model to load before anything scores; it reads the rows' texts."""
+        self._pending.append((where, spec))
+        self.needs_texts = True
 
     def check_texts(self) -> None:
         """Models and callables read prompts and completions: check those columns (cheaply)."""

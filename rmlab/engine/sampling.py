@@ -78,10 +78,6 @@ SAMPLE_COLUMNS = ("prompt_index", "prompt", "sample", "completion", "tokens", "n
 #: (either invalidates caches). 2: the key is built from :mod:`rmlab.cache`'s digests.
 SAMPLER_VERSION = 2
 
-# names kept importable from here (their homes are the modules imported above)
-_vllm_available = vllm_available
-
-
 class SamplingInterrupted(KeyboardInterrupt):
     """Sampling was interrupted; ``partial`` holds every completion finished before the interrupt.
 
