@@ -500,3 +500,12 @@ def test_save_dir_of_an_older_format_is_refused(models, tok, pairs, tmp_path):
     meta.write_text(json.dumps(saved | {"format": 1}))
     with pytest.raises(ArgumentError, match="format: saved 1, now 2"):
         track_dpo(policy, reference, pairs, tokenizer=tok, save_dir=tmp_path, **run_config(steps=1))
+
+
+def test_model_pair_brings_its_reference(models, tok, pairs):
+    policy, reference = models
+    pair = rmlab.ModelPair(policy, reference, tokenizer=tok, progress=False)
+    run = track_dpo(pair, None, pairs, steps=1, lr=0.1, progress=False)
+    plain = track_dpo(policy, reference, pairs, steps=1, lr=0.1, tokenizer=tok, progress=False)
+    pd.testing.assert_frame_equal(run.trajectories, plain.trajectories)
+    pd.testing.assert_frame_equal(ches(pair, pairs, progress=False), ches(policy, pairs, tokenizer=tok, progress=False))

@@ -471,3 +471,16 @@ def test_options_object_or_flat_keywords(gpt2, tok):
         gradient_similarity(policy, pairs, tokenizer=tok, cache_dir="somewhere")  # nothing is cached
     with pytest.raises(rmlab.ArgumentError, match="unexpected keyword argument 'batch_tokens'"):
         token_entanglement(policy, pairs, tokenizer=tok, batch_tokens=64)  # each pair runs alone
+
+
+def test_model_pair_brings_its_reference(gpt2, tok):
+    """A ModelPair as the policy: its reference weights the pairs (DPO's c), as if passed as reference=."""
+    policy, reference = gpt2
+    pairs = make_pairs(3)
+    pair = rmlab.ModelPair(policy, reference, tokenizer=tok, progress=False)
+    given = gradient_entanglement(pair, pairs, params="last:1", progress=False)
+    plain = gradient_entanglement(policy, pairs, reference=reference, params="last:1", tokenizer=tok, progress=False)
+    assert given.attrs["loss_weight"] == "dpo"
+    np.testing.assert_allclose(given[["loss_weight", *STATS]], plain[["loss_weight", *STATS]], rtol=1e-6)
+    similar = gradient_similarity(pair, pairs, params="last:1", progress=False)
+    assert similar.attrs["loss_weight"] == "dpo"

@@ -66,7 +66,7 @@ def ches(policy, data, *, options: Options) -> pd.DataFrame:
 
     Args:
         policy: the model whose hidden states are used (usually the model DPO starts from): a
-            ``PreTrainedModel`` or a hub name / local path.
+            ``PreTrainedModel``, a hub name / local path, or an :class:`rmlab.ModelPair` (its policy).
         data: preference pairs (DataFrame, records, ``datasets.Dataset``, or a .jsonl/.json/.parquet/
             .csv path) with ``prompt``, ``chosen``, ``rejected`` as text or chat messages.
         tokenizer, max_length, truncation_mode, add_eos, chat_template_kwargs, batch_tokens, progress,

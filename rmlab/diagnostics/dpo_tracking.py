@@ -24,7 +24,7 @@ from rmlab.diagnostics.displaced_mass import displaced_mass
 from rmlab.diagnostics.displacement_run import DisplacementRun, trajectory_rows
 from rmlab.diagnostics.dpo_run_store import RunFolder, check_save_dir, run_fingerprint
 from rmlab.diagnostics.pair_frames import pair_columns, response_sums
-from rmlab.diagnostics.pair_gradients import check_lr
+from rmlab.diagnostics.pair_gradients import check_lr, pair_reference
 from rmlab.engine.batching import batch_budget, length_batches
 from rmlab.engine.logprobs import logprobs_with_grad
 from rmlab.engine.pairs import check_beta, prepare_pair_inputs, run_logprobs
@@ -125,8 +125,10 @@ def track_dpo(
     (KeyboardInterrupt, or an exception from ``on_step``) keeps everything saved so far.
 
     Args:
-        policy: the model DPO starts from (``PreTrainedModel`` or hub name / local path); never changed.
-        reference: the reference model (usually the same SFT model); required.
+        policy: the model DPO starts from (``PreTrainedModel`` or hub name / local path, or an
+            :class:`rmlab.ModelPair` with its reference); never changed.
+        reference: the reference model (usually the same SFT model); required (a ``ModelPair``'s own
+            by default).
         data: the preference pairs to train on (any form :func:`rmlab.load_pairs` accepts).
         steps: number of optimiser updates (>= 1).
         lr: learning rate (>= 0; 0 leaves the model unchanged).
@@ -161,6 +163,7 @@ def track_dpo(
         [0, 1, 2]
     """
     # ---- arguments, before anything heavy
+    reference = pair_reference(policy, reference)
     if reference is None:
         raise ArgumentError(
             "reference=None: DPO's loss and implicit rewards are log-ratios to a reference model. Pass the "

@@ -43,6 +43,7 @@ from rmlab.diagnostics.pair_gradients import (
     gradient_pass,
     loss_weights,
     pair_logps_now,
+    pair_reference,
     prepared_pairs,
     reference_sums,
 )
@@ -87,7 +88,8 @@ def gradient_entanglement(
     rises iff ``<g_w, g_l> > |g_l|^2`` (``rejected_rises``), while their difference always grows.
 
     Args:
-        policy: the model to analyse (a ``PreTrainedModel``, or a hub name / local path).
+        policy: the model to analyse (a ``PreTrainedModel``, a hub name / local path, or an
+            :class:`rmlab.ModelPair`, whose reference is then the one used).
         data: preference pairs, as for :func:`rmlab.implicit_rewards`.
         reference: the DPO reference model. With it, ``c = beta * sigmoid(-margin)`` (DPO's weight).
             Without it (``reference=None``), ``c = 1``: the plain margin loss ``-(lp(y_w) - lp(y_l))``,
@@ -144,6 +146,7 @@ def gradient_entanglement(
     beta = check_beta(beta)
     lr = check_lr(lr)
     k = check_projection(projection_dim, seed)
+    reference = pair_reference(policy, reference)
     weighting = check_weighting(loss_weight, reference)
     check_method(method)
     if not isinstance(realised, bool):

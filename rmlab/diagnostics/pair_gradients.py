@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from rmlab.diagnostics.pair_frames import response_sums
 from rmlab.engine.grads import GRAD_BYTES, SequenceGradients, gradient_batches
 from rmlab.engine.logprobs import logprobs_with_grad
+from rmlab.engine.model_pair import ModelPair
 from rmlab.engine.pairs import PairInputs, prepare_pair_inputs, run_logprobs
 from rmlab.engine.param_selection import ModelState, ParamSelection, select_parameters
 from rmlab.engine.precision import autocast
@@ -60,6 +61,12 @@ def check_projection(projection_dim, seed) -> int | None:
     return int(projection_dim)
 
 
+def pair_reference(policy, reference):
+    """The reference an analysis runs against: ``reference``, or the own reference of a
+    :class:`rmlab.ModelPair` given as ``policy``."""
+    return policy.reference if isinstance(policy, ModelPair) and reference is None else reference
+
+
 def check_weighting(loss_weight, reference) -> str:
     """The loss weighting to use, ``"dpo"`` or ``"none"`` (``"auto"``: DPO's when there is a reference)."""
     check_choice("loss_weight", loss_weight, WEIGHTINGS)
@@ -86,7 +93,8 @@ def prepared_pairs(policy, reference, data, params, options: Options):
     """Validate and tokenise with ``options``; yield ``(inputs, selection)`` (the pairs and the
     parameters ``params`` selects, :func:`~rmlab.engine.param_selection.select_parameters`); restore
     both models' training and ``requires_grad`` flags on exit."""
-    states = [ModelState(m) for m in (policy, reference) if isinstance(m, torch.nn.Module)]
+    models = (policy.policy, policy.reference) if isinstance(policy, ModelPair) else (policy, reference)
+    states = [ModelState(m) for m in models if isinstance(m, torch.nn.Module)]
     try:
         inputs = prepare_pair_inputs(policy, reference, data, options=options)
         selection = select_parameters(inputs.policy, params)

@@ -18,6 +18,7 @@ from rmlab.diagnostics.pair_gradients import (
     check_weighting,
     gradient_pass,
     loss_weights,
+    pair_reference,
     prepared_pairs,
     reference_sums,
 )
@@ -78,6 +79,7 @@ def gradient_similarity(
     """
     beta = check_beta(beta)
     k = check_projection(projection_dim, seed)
+    reference = pair_reference(policy, reference)
     weighting = check_weighting(loss_weight, reference)
     check_method(method)
     progress = options.progress
