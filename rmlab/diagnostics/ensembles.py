@@ -142,13 +142,15 @@ class Named:
 
 
 def is_model(obj) -> bool:
-    """Whether ``obj`` is a torch module (checked without importing torch)."""
+    """Whether ``obj`` is a torch module (checked without importing torch): a reward model among the
+    scorers of an ensemble (Coste et al. 2023)."""
     torch = sys.modules.get("torch")
     return torch is not None and isinstance(obj, torch.nn.Module)
 
 
 def unwrap(spec):
-    """The scorer inside a :class:`Named` entry (anything else unchanged)."""
+    """The scorer inside a :class:`Named` entry (anything else unchanged), e.g. an ensemble member of
+    Coste et al. 2023."""
     return spec.spec if isinstance(spec, Named) else spec
 
 

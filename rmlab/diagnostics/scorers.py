@@ -79,7 +79,8 @@ def call_mode(fn, call_with: str, where: str) -> str:
 
 
 def show(prompt, width: int = 60) -> str:
-    """A prompt (text or conversation) shortened to ``width`` characters, for error messages."""
+    """A prompt (text or conversation) shortened to ``width`` characters, for error messages that
+    name the pool (a prompt's samples, Gao et al. 2022) at fault."""
     text = prompt if isinstance(prompt, str) else json.dumps(to_python(prompt), default=str)
     return repr(text if len(text) <= width else text[: width - 3] + "...")
 

@@ -24,8 +24,7 @@ from rmlab.io.tokenize import _check_template, _prompt_ids
 BACKENDS = ("hf", "vllm")
 
 
-def check_int(name: str, value, minimum: int, hint: str) -> int:
-    """``value`` as an int, or an :class:`ArgumentError` unless it is an integer >= ``minimum``."""
+def _check_int(name: str, value, minimum: int, hint: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ArgumentError(f"{name}={value!r} must be an integer >= {minimum} ({hint}).")
     return int(value)
@@ -37,8 +36,8 @@ def check_settings(*, n, max_new_tokens, temperature, top_p, seed, batch_size, b
     Ancestral sampling with temperature and nucleus (top-p) filtering (Holtzman et al. 2020, "The
     Curious Case of Neural Text Degeneration"): ``temperature > 0`` and ``top_p`` in (0, 1].
     """
-    n = check_int("n", n, 1, "completions per prompt")
-    max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1, "the longest completion, in tokens")
+    n = _check_int("n", n, 1, "completions per prompt")
+    max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 1, "the longest completion, in tokens")
     try:
         temperature = float(temperature)
     except (TypeError, ValueError):
@@ -57,7 +56,7 @@ def check_settings(*, n, max_new_tokens, temperature, top_p, seed, batch_size, b
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise ArgumentError(f"seed={seed!r} must be an integer.")
     if batch_size is not None:
-        check_int("batch_size", batch_size, 1, "completions decoded together; None picks one")
+        _check_int("batch_size", batch_size, 1, "completions decoded together; None picks one")
     check_choice("backend", backend, BACKENDS)
     return n, max_new_tokens, temperature, top_p, int(seed)
 
