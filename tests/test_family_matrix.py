@@ -322,12 +322,12 @@ RECURRENT_WITHOUT_CACHE = {
 def test_sampling_a_model_without_a_kv_cache_is_a_model_error_before_any_sampling(family, monkeypatch):
     """RWKV and RecurrentGemma keep their recurrent state outside transformers' cache: the sampler
     cannot continue them, and says so (naming the class) before decoding anything."""
-    import rmlab.engine.sampling as sampling
+    import rmlab.engine.decoding as decoding
 
     model = tiny_causal_lm(family, seed=1, **RECURRENT_WITHOUT_CACHE[family])
     calls = []
-    real = sampling.decode_batch
-    monkeypatch.setattr(sampling, "decode_batch", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = decoding.decode_batch
+    monkeypatch.setattr(decoding, "decode_batch", lambda *a, **k: calls.append(1) or real(*a, **k))
     with pytest.raises(ModelError, match=f"{type(model).__name__} .*returns no KV cache.*completion_logprobs"):
         rmlab.sample(model, PROMPTS, n=1, max_new_tokens=4, tokenizer=tokenizer("left", family), progress=False, cache_dir=False)
     assert calls == []
