@@ -18,7 +18,7 @@ import pandas as pd
 from rmlab.errors import ArgumentError, DataError, check_choice, closest
 from rmlab.io.models import context_length
 from rmlab.io.pairs import cell_kind, to_python
-from rmlab.io.tokenize import _check_template, _prompt_ids
+from rmlab.io.tokenize import check_template, prompt_ids_of
 
 #: Where completions are decoded: rmlab's batched decoding (``"hf"``) or vLLM's engine.
 BACKENDS = ("hf", "vllm")
@@ -122,8 +122,8 @@ def encode_prompts(prompts: list, fmt: str, tokenizer, chat_template_kwargs: Map
     """
     kwargs = dict(chat_template_kwargs or {})
     if fmt == "chat":
-        _check_template(tokenizer, kwargs)
-    ids = [list(map(int, p)) for p in _prompt_ids(tokenizer, fmt, prompts, kwargs)]
+        check_template(tokenizer, kwargs)
+    ids = [list(map(int, p)) for p in prompt_ids_of(tokenizer, fmt, prompts, kwargs)]
     for i, p in enumerate(ids):
         if not p:
             start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id

@@ -132,7 +132,8 @@ def _format(frame: pd.DataFrame, column: str) -> str:
     return frame.attrs.get("format") or ("chat" if isinstance(frame[column].iloc[0], list) else "text")
 
 
-def _check_template(tokenizer, kwargs: dict) -> None:
+def check_template(tokenizer, kwargs: dict) -> None:
+    """Raise :class:`TokenizerError` when conversations meet a tokenizer without a chat template."""
     if not getattr(tokenizer, "chat_template", None) and "chat_template" not in kwargs:
         raise TokenizerError(
             "The data are conversations (lists of messages) but the tokenizer has no "
@@ -141,7 +142,8 @@ def _check_template(tokenizer, kwargs: dict) -> None:
         )
 
 
-def _prompt_ids(tokenizer, fmt: str, prompts: list, kwargs: dict) -> list[list[int]]:
+def prompt_ids_of(tokenizer, fmt: str, prompts: list, kwargs: dict) -> list[list[int]]:
+    """Token ids of each prompt as TRL's DPOTrainer builds them (chat: template with the generation prompt)."""
     if fmt == "chat":
         return [
             _chat_ids(tokenizer, p, add_generation_prompt=True, kwargs=kwargs) if p else [] for p in prompts
@@ -218,10 +220,10 @@ def encode_pairs(
     fmt = _format(pairs, "chosen")
     kwargs = dict(chat_template_kwargs or {})
     if fmt == "chat":
-        _check_template(tokenizer, kwargs)
+        check_template(tokenizer, kwargs)
     add_eos = resolve_add_eos(tokenizer, add_eos)
     prompts = list(pairs["prompt"])
-    prompt_ids = _prompt_ids(tokenizer, fmt, prompts, kwargs)
+    prompt_ids = prompt_ids_of(tokenizer, fmt, prompts, kwargs)
     chosen_ids = _full_ids(tokenizer, fmt, prompts, list(pairs["chosen"]), add_eos, kwargs)
     rejected_ids = _full_ids(tokenizer, fmt, prompts, list(pairs["rejected"]), add_eos, kwargs)
 
@@ -260,10 +262,10 @@ def encode_responses(
     fmt = _format(responses, "response")
     kwargs = dict(chat_template_kwargs or {})
     if fmt == "chat":
-        _check_template(tokenizer, kwargs)
+        check_template(tokenizer, kwargs)
     add_eos = resolve_add_eos(tokenizer, add_eos)
     prompts = list(responses["prompt"])
-    prompt_ids = _prompt_ids(tokenizer, fmt, prompts, kwargs)
+    prompt_ids = prompt_ids_of(tokenizer, fmt, prompts, kwargs)
     full_ids = _full_ids(tokenizer, fmt, prompts, list(responses["response"]), add_eos, kwargs)
     out = []
     for p_ids, f_ids in zip(prompt_ids, full_ids):

@@ -320,17 +320,17 @@ def build(out: str | Path, cfg: BuildConfig | None = None, *, progress: bool = T
 def _measure(root, cfg, tok, held, proxy, rm_acc, checkpoints, *, progress) -> dict:
     """Accuracies, displacement and the best-of-n curve that the README and tests quote."""
     import rmlab
-    from rmlab.toy.world import _load_lm
+    from rmlab.toy.world import load_lm
 
     gc, gr = held["gold_chosen"].to_numpy(), held["gold_rejected"].to_numpy()
     gold_acc = float(np.mean(np.where(gc == gr, 0.5, (gc > gr).astype(float))))
-    sft = _load_lm(root / "sft")
+    sft = load_lm(root / "sft")
     dpo = {}
     for beta, steps in checkpoints.items():
         per_step = {}
         for step, rel in steps.items():
             frame = rmlab.implicit_rewards(
-                _load_lm(root / rel), sft, held, tokenizer=tok, beta=float(beta), progress=False
+                load_lm(root / rel), sft, held, tokenizer=tok, beta=float(beta), progress=False
             )
             per_step[step] = {
                 "accuracy": float(frame["correct"].mean()),

@@ -25,7 +25,8 @@ def default_dir() -> Path:
     return Path(os.environ.get("RMLAB_TOY_DIR", DEFAULT_DIR))
 
 
-def _load_lm(path: Path):
+def load_lm(path: Path):
+    """A saved toy-world causal LM, in float32 and eval mode (safetensors only)."""
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True).eval()
 
 
@@ -84,7 +85,7 @@ class ToyWorld:
 
     def load_checkpoint(self, beta: float, step: int):
         """One DPO checkpoint as a model."""
-        return _load_lm(self.checkpoints[beta][step])
+        return load_lm(self.checkpoints[beta][step])
 
 
 def load(path: str | os.PathLike | None = None) -> ToyWorld:
@@ -126,9 +127,9 @@ def _load(root: Path, manifest: dict) -> ToyWorld:
     return ToyWorld(
         root=root,
         tokenizer=AutoTokenizer.from_pretrained(root / "tokenizer"),
-        sft=_load_lm(root / "sft"),
+        sft=load_lm(root / "sft"),
         reward_models=[_load_rm(root / p) for p in manifest["reward_models"]],
-        dpo={beta: _load_lm(steps[max(steps)]) for beta, steps in checkpoints.items()},
+        dpo={beta: load_lm(steps[max(steps)]) for beta, steps in checkpoints.items()},
         checkpoints=checkpoints,
         pairs=pd.read_parquet(root / "pairs.parquet"),
         prompts=language.prompts(),
