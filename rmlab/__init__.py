@@ -7,9 +7,6 @@ The public API lives here::
     rmlab.dpo_metrics(frame)
 """
 
-import sys
-import types
-
 from rmlab.errors import (
     ArgumentError,
     DataError,
@@ -106,42 +103,13 @@ __all__ = [
 
 def __getattr__(name: str):
     # the HTML report pulls in every figure module: load it on first use
+    if name == "html_report":
+        from rmlab.report_page import report
+
+        return report
     if name == "report":
         from rmlab.deprecation import deprecated_alias
-        from rmlab.html_report import report
+        from rmlab.report_page import report
 
         return deprecated_alias(report, "rmlab.report", "rmlab.html_report")
     raise AttributeError(f"module 'rmlab' has no attribute {name!r}")
-
-
-class _Package(types.ModuleType):
-    """The ``rmlab`` module, whose ``html_report`` is the report function and is loaded on first use.
-
-    ``rmlab/html_report.py`` is also the name of the module that holds the function: importing it
-    (``from rmlab.html_report import write_report``) would set ``rmlab.html_report`` to that module.
-    A property on the package's class wins over that assignment, so ``rmlab.html_report(...)`` always
-    calls the function; the module's other names are imported from it as usual. Assigning anything
-    else (``monkeypatch.setattr(rmlab, "html_report", fake)``) replaces the function until deleted.
-    """
-
-    @property
-    def html_report(self):
-        replaced = self.__dict__.get("_html_report_replaced")
-        if replaced is not None:
-            return replaced
-        from rmlab.html_report import report
-
-        return report
-
-    @html_report.setter
-    def html_report(self, value) -> None:
-        if isinstance(value, types.ModuleType) and value.__name__ == f"{self.__name__}.html_report":
-            return  # the import system recording the submodule: it stays reachable in sys.modules
-        self.__dict__["_html_report_replaced"] = value
-
-    @html_report.deleter
-    def html_report(self) -> None:
-        self.__dict__.pop("_html_report_replaced", None)
-
-
-sys.modules[__name__].__class__ = _Package

@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 def _report(args) -> int:
-    from rmlab.html_report import collect_report, write_report
+    from rmlab.report_page import collect_report, write_report
 
     start = time.time()
     options = {}

@@ -73,7 +73,7 @@ def test_report_on_models_loaded_from_local_paths(saved_models, tmp_path, capsys
 
 
 def test_report_function_matches_the_core(saved_models, tmp_path):
-    from rmlab.html_report import collect_report
+    from rmlab.report_page import collect_report
 
     contents = collect_report(saved_models["policy"], saved_models["reference"], saved_models["data"], beta=0.2,
                               progress=False)
@@ -81,7 +81,7 @@ def test_report_function_matches_the_core(saved_models, tmp_path):
     frame = rmlab.implicit_rewards(saved_models["policy"], saved_models["reference"], saved_models["data"], beta=0.2,
                                    progress=False)
     assert table["rewards/margins"] == pytest.approx(frame["margin"].mean(), rel=1e-9)
-    path = rmlab.report(saved_models["policy"], saved_models["reference"], saved_models["data"],
+    path = rmlab.html_report(saved_models["policy"], saved_models["reference"], saved_models["data"],
                         out=tmp_path / "r.html", progress=False)
     assert path.exists()
 
@@ -98,4 +98,4 @@ def test_report_function_matches_the_core(saved_models, tmp_path):
 )
 def test_report_checks_its_arguments_before_loading_anything(kwargs, message):
     with pytest.raises(rmlab.RmlabError, match=message):
-        rmlab.report(**kwargs)
+        rmlab.html_report(**kwargs)

@@ -77,7 +77,7 @@ def test_import_rmlab_gives_the_toy_world_and_loads_the_report_on_first_use():
 
     code = (
         "import sys, rmlab; assert callable(rmlab.toy.load); "
-        "assert 'rmlab.html_report' not in sys.modules; assert callable(rmlab.report); "
-        "assert 'rmlab.html_report' in sys.modules"
+        "assert 'rmlab.report_page' not in sys.modules; assert callable(rmlab.html_report); "
+        "assert 'rmlab.report_page' in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

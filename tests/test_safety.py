@@ -14,7 +14,7 @@ import torch
 import rmlab
 import rmlab.io.models as models
 from rmlab.errors import ModelError
-from rmlab.html_report import write_report
+from rmlab.report_page import write_report
 from rmlab.toy import tiny_causal_lm, tiny_reward_model, tiny_tokenizer
 from tests.conftest import make_pairs
 
