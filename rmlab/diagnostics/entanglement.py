@@ -136,10 +136,9 @@ def gradient_entanglement(
     Example:
         >>> import rmlab
         >>> from rmlab.toy import tiny_causal_lm, tiny_tokenizer
-        >>> tok = tiny_tokenizer()
-        >>> policy, ref = tiny_causal_lm("gpt2", seed=1), tiny_causal_lm("gpt2", seed=0)
-        >>> pairs = [{"prompt": "Review:", "chosen": " great film", "rejected": " dull film"}]
-        >>> frame = rmlab.gradient_entanglement(policy, pairs, reference=ref, tokenizer=tok, progress=False)
+        >>> models = rmlab.ModelPair(tiny_causal_lm("gpt2", seed=1), tiny_causal_lm("gpt2"), tokenizer=tiny_tokenizer())
+        >>> data = [{"prompt": "Review:", "chosen": " great film", "rejected": " dull film"}]
+        >>> frame = rmlab.gradient_entanglement(models, data, progress=False)  # the pair's reference
         >>> bool(frame["grad_sq_chosen"].iloc[0] > 0)
         True
     """

@@ -23,6 +23,7 @@ from transformers import (
 )
 
 from rmlab.errors import ArgumentError, DataError, ModelError, TokenizerError, closest
+from rmlab.options import LOADING
 
 _DTYPES = {
     "float32": torch.float32,
@@ -151,7 +152,7 @@ def _looks_local(path) -> bool:
 
 #: Options that decide how a model given by name or path is loaded (``load_causal_lm`` and
 #: ``load_reward_model`` keywords); the last two are used up by loading.
-LOAD_OPTIONS = ("device", "dtype", "trust_remote_code", "use_safetensors", "revision")
+LOAD_OPTIONS = LOADING
 LOAD_ONLY_OPTIONS = ("use_safetensors", "revision")
 
 

@@ -18,6 +18,15 @@ from rmlab.engine.logprobs import Scored, logprobs_with_grad, token_logprobs
 from rmlab.io.tokenize import EncodedPair
 
 
+def _seeded_training(model, seed: int, **adamw):
+    """Seed numpy and torch, put ``model`` in training mode and give it AdamW: how every training
+    loop of the toy world starts. Returns ``(numpy generator, optimiser)``."""
+    gen = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    model.train()
+    return gen, torch.optim.AdamW(model.parameters(), **adamw)
+
+
 def _cosine_lr(optimizer, step: int, total: int, base: float, warmup: int) -> None:
     if step < warmup:
         lr = base * (step + 1) / warmup
@@ -50,10 +59,7 @@ def train_lm(
 
     Returns the loss of every step.
     """
-    gen = np.random.default_rng(seed)
-    torch.manual_seed(seed)
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    gen, opt = _seeded_training(model, seed, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     losses = []
     for step in tqdm(range(steps), desc="SFT", disable=not progress, leave=False):
         _cosine_lr(opt, step, steps, lr, warmup=max(1, steps // 20))
@@ -89,12 +95,9 @@ def train_reward_model(
 
     Returns the loss of every step.
     """
-    gen = np.random.default_rng(seed)
-    torch.manual_seed(seed)
     n = len(chosen)
     steps = max(1, int(epochs * n / batch_size))
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    gen, opt = _seeded_training(model, seed, lr=lr, weight_decay=0.01)
     losses = []
     order = np.concatenate([gen.permutation(n) for _ in range(int(np.ceil(epochs)) + 1)])
     for step in tqdm(range(steps), desc="reward model", disable=not progress, leave=False):
@@ -136,10 +139,7 @@ def train_dpo(
     sequences = [s for p in pairs for s in (p.chosen, p.rejected)]
     ref = token_logprobs(reference, sequences, pad_id=pad_id, progress=False)
     ref_sums = torch.tensor([float(r.sum()) for r in ref]).view(-1, 2)
-    gen = np.random.default_rng(seed)
-    torch.manual_seed(seed)
-    policy.train()
-    opt = torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=0.0)
+    gen, opt = _seeded_training(policy, seed, lr=lr, weight_decay=0.0)
     losses = []
     for step in tqdm(range(steps), desc=f"DPO beta={beta}", disable=not progress, leave=False):
         _cosine_lr(opt, step, steps, lr, warmup=max(1, steps // 10))
