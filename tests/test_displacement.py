@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import rmlab
 from rmlab.diagnostics.displacement import ches, ches_from_sums, track_dpo
-from rmlab.diagnostics.reward_model import _spearman
+from rmlab.stats import spearman as _spearman
 from rmlab.engine.hidden import response_hidden_states
 from rmlab.engine.logprobs import Scored
 from rmlab.errors import ArgumentError, DataError

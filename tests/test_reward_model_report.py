@@ -11,7 +11,7 @@ import pytest
 
 import rmlab
 from rmlab.diagnostics import RewardModelReport, reward_model_report
-from rmlab.diagnostics.reward_model import _kendall_tau_b, _spearman
+from rmlab.stats import kendall_tau_b as _kendall_tau_b, spearman as _spearman
 from rmlab.errors import ArgumentError, DataError
 from rmlab.toy import tiny_reward_model, tiny_tokenizer
 from tests.conftest import make_pairs

@@ -18,116 +18,15 @@ Knight's O(n log n) algorithm), so that rmlab does not depend on scipy; they equ
 from __future__ import annotations
 
 import html
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
 from rmlab.errors import ArgumentError, DataError, check_choice
-
-#: z of a two-sided 95% normal interval (Wilson score interval on observed accuracies).
-_Z95 = 1.959963984540054
+from rmlab.stats import kendall_tau_b, pearson, sigmoid, spearman, wilson
 
 _LENGTHS = ("tokens", "words", "chars")
-
-
-# --------------------------------------------------------------------------------------------------
-# correlations (numpy only)
-# --------------------------------------------------------------------------------------------------
-def _pearson(x: np.ndarray, y: np.ndarray) -> float:
-    """Pearson's r; NaN for fewer than 2 values or a constant input."""
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    if len(x) < 2:
-        return float("nan")
-    dx, dy = x - x.mean(), y - y.mean()
-    denom = math.sqrt(float(dx @ dx) * float(dy @ dy))
-    if denom == 0 or not np.isfinite(denom):
-        return float("nan")
-    return float(np.clip((dx @ dy) / denom, -1.0, 1.0))
-
-
-def _rankdata(x: np.ndarray) -> np.ndarray:
-    """1-based ranks with ties given their average rank (``scipy.stats.rankdata(method="average")``)."""
-    x = np.asarray(x)
-    order = np.argsort(x, kind="mergesort")
-    sorted_x = x[order]
-    starts = np.r_[True, sorted_x[1:] != sorted_x[:-1]]
-    group = np.cumsum(starts) - 1
-    first = np.flatnonzero(starts)
-    counts = np.diff(np.r_[first, len(x)])
-    average = first + (counts + 1) / 2.0  # mean of the 1-based positions first+1 .. first+count
-    ranks = np.empty(len(x), dtype=np.float64)
-    ranks[order] = average[group]
-    return ranks
-
-
-def _spearman(x: np.ndarray, y: np.ndarray) -> float:
-    """Spearman's rho: Pearson's r of the average ranks."""
-    if len(x) < 2:
-        return float("nan")
-    return _pearson(_rankdata(x), _rankdata(y))
-
-
-def _tie_pairs(values: np.ndarray) -> int:
-    """Number of pairs (i < j) with equal values."""
-    _, counts = np.unique(values, return_counts=True)
-    return int((counts * (counts - 1) // 2).sum())
-
-
-def _inversions(y: np.ndarray) -> int:
-    """Pairs i < j with y[i] > y[j] (strictly), by a vectorised bottom-up merge sort: O(n log^2 n)."""
-    n = len(y)
-    a = np.unique(y, return_inverse=True)[1].astype(np.int64)  # dense ranks 0 .. n-1
-    index = np.arange(n, dtype=np.int64)
-    total, width = 0, 1
-    while width < n:
-        block = index // (2 * width)
-        key = a + block * n  # blocks separated, so every run stays sorted in one global order
-        left = (index % (2 * width)) < width
-        left_keys, right_keys, right_block = key[left], key[~left], block[~left]
-        if len(right_keys):
-            block_end = np.searchsorted(left_keys, (right_block + 1) * n, side="left")
-            total += int((block_end - np.searchsorted(left_keys, right_keys, side="right")).sum())
-        a = np.sort(key) - block * n  # merge: sort within each block (block sizes are unchanged)
-        width *= 2
-    return total
-
-
-def _kendall_tau_b(x: np.ndarray, y: np.ndarray) -> float:
-    """Kendall's tau-b (ties adjusted), Knight's algorithm: sort by (x, y), count inversions of y."""
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    n = len(x)
-    if n < 2:
-        return float("nan")
-    order = np.lexsort((y, x))
-    xs, ys = x[order], y[order]
-    n0 = n * (n - 1) // 2
-    n1 = _tie_pairs(xs)
-    n2 = _tie_pairs(ys)
-    joint = np.unique(np.stack([xs, ys], axis=1), axis=0, return_counts=True)[1]
-    n3 = int((joint * (joint - 1) // 2).sum())
-    discordant = _inversions(ys)  # within x-ties y is sorted ascending, so ties add no inversions
-    concordant_minus_discordant = n0 - n1 - n2 + n3 - 2 * discordant
-    denom = math.sqrt(float(n0 - n1) * float(n0 - n2))
-    if denom == 0:
-        return float("nan")
-    return float(concordant_minus_discordant / denom)
-
-
-def _wilson(hits: float, n: int, z: float = _Z95) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion (Wilson 1927)."""
-    if n == 0:
-        return float("nan"), float("nan")
-    p = hits / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return np.exp(-np.logaddexp(0.0, -np.asarray(x, dtype=np.float64)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -248,7 +147,7 @@ def _true_prob(scores: pd.DataFrame, column: str = "true_prob") -> np.ndarray | 
 
 
 def _calibration(margin: np.ndarray, true_prob: np.ndarray | None, bins: int) -> pd.DataFrame:
-    p = _sigmoid(margin)
+    p = sigmoid(margin)
     conf = np.maximum(p, 1 - p)
     hit = margin > 0
     edges = np.linspace(0.5, 1.0, bins + 1)
@@ -258,7 +157,7 @@ def _calibration(margin: np.ndarray, true_prob: np.ndarray | None, bins: int) ->
         member = which == b
         n = int(member.sum())
         hits = int(hit[member].sum())
-        low, high = _wilson(hits, n)
+        low, high = wilson(hits, n)
         row = {
             "bin": b,
             "bin_lower": edges[b],
@@ -307,10 +206,10 @@ def _length_bias(margin, score_c, score_r, len_c, len_r) -> pd.DataFrame:
                 "accuracy": float((m > 0).mean()) if k else np.nan,
                 "prefers_longer": float(prefers_longer.mean()) if len(prefers_longer) else np.nan,
                 "mean_length_diff": float(d.mean()) if k else np.nan,
-                "pearson_score_length": _pearson(scores, lengths),
-                "spearman_score_length": _spearman(scores, lengths),
-                "pearson_margin_length_diff": _pearson(m, d),
-                "spearman_margin_length_diff": _spearman(m, d),
+                "pearson_score_length": pearson(scores, lengths),
+                "spearman_score_length": spearman(scores, lengths),
+                "pearson_margin_length_diff": pearson(m, d),
+                "spearman_margin_length_diff": spearman(m, d),
             }
         )
     return pd.DataFrame(rows)
@@ -357,8 +256,8 @@ def _agreement(explicit: np.ndarray, implicit: np.ndarray) -> pd.Series:
     return pd.Series(
         {
             "pairs": int(valid.sum()),
-            "spearman": _spearman(e, i),
-            "kendall_tau_b": _kendall_tau_b(e, i),
+            "spearman": spearman(e, i),
+            "kendall_tau_b": kendall_tau_b(e, i),
             "sign_agreement": float(((e > 0) == (i > 0)).mean()) if len(e) else np.nan,
             "accuracy_reward_model": float((e > 0).mean()) if len(e) else np.nan,
             "accuracy_implicit": float((i > 0).mean()) if len(i) else np.nan,
@@ -453,7 +352,7 @@ def reward_model_report(
     tp = true_prob[valid] if true_prob is not None else None
 
     calibration = _calibration(margin, tp, bins)
-    p = _sigmoid(margin)
+    p = sigmoid(margin)
     summary = {
         "pairs": int(valid.sum()),
         "accuracy": float((margin > 0).mean()),
