@@ -10,7 +10,7 @@ A Bradley-Terry reward model predicts ``P(chosen > rejected) = sigmoid(margin)``
 calibration error as in Guo et al. 2017 ("On Calibration of Modern Neural Networks"); length bias
 as studied by Singhal et al. 2023 ("A Long Way to Go: Investigating Length Correlations in RLHF").
 
-Rank correlations are computed here in numpy (average ranks for Spearman, Kendall's tau-b with
+Rank correlations come from :mod:`rmlab.stats`, in numpy (average ranks for Spearman, Kendall's tau-b with
 Knight's O(n log n) algorithm), so that rmlab does not depend on scipy; they equal
 ``scipy.stats.spearmanr`` / ``scipy.stats.kendalltau`` (checked in the tests).
 """
