@@ -81,3 +81,19 @@ def test_import_rmlab_gives_the_toy_world_and_loads_the_report_on_first_use():
         "assert 'rmlab.report_page' in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_reward_analyses_take_options_flat_or_as_one_object():
+    import pandas as pd
+
+    import rmlab
+    from rmlab.toy import tiny_reward_model, tiny_tokenizer
+    from tests.conftest import make_pairs
+
+    rm, tok, pairs = tiny_reward_model("gpt2", seed=2), tiny_tokenizer(), make_pairs(4, seed=9)
+    opts = Options(tokenizer=tok, batch_tokens=64, progress=False)
+    for analysis in (rmlab.reward_scores, rmlab.dense_rewards):
+        flat = analysis(rm, pairs, tokenizer=tok, batch_tokens=64, progress=False)
+        pd.testing.assert_frame_equal(analysis(rm, pairs, options=opts), flat, check_exact=True)
+        with pytest.raises(ArgumentError, match="Did you mean 'batch_tokens'"):
+            analysis(rm, pairs, options=opts, batch_token=3)

@@ -28,9 +28,10 @@ import pyarrow as pa
 
 from rmlab.cache import resolve_cache_dir, run_cached
 from rmlab.engine.batching import batch_budget, length_batches
-from rmlab.engine.prefix_scores import one_pass_problem, position_scores, shared_prompt_problem, shared_prompt_scores
-from rmlab.engine.reward_model import RewardInputs, prepare_reward_inputs, reward_cache, score_sequences
+from rmlab.engine.prefix_scores import one_pass_problem, shared_prompt_problem
+from rmlab.engine.reward_model import RewardInputs, prepare_reward_inputs, reward_cache
 from rmlab.errors import ModelError, check_choice
+from rmlab.options import CACHING, LOADING, RUNNING, TOKENIZING, Options, with_options
 from rmlab.io.models import model_device
 from rmlab.io.tokenize import EncodedSequence, decode_tokens
 
@@ -67,7 +68,7 @@ def _prefix_scores(inputs: RewardInputs, progress: bool) -> list[np.ndarray]:
         for prefix in _prefixes(seq, closing):
             flat.append(prefix)
             owner.append(i)
-    scores = score_sequences(
+    scores = inputs.runner.scores(
         inputs.model, flat, pad_id=inputs.pad_id, label=inputs.label, batch_tokens=inputs.batch_tokens,
         autocast_dtype=inputs.autocast_dtype, progress=progress, desc="prefix scores",
     )
@@ -105,34 +106,25 @@ def _one_pass_scores(inputs: RewardInputs, progress: bool, share_prompt: bool) -
             (seqs[i].ids[: seqs[i].start], [seqs[i].ids[seqs[i].start :], seqs[i + 1].ids[seqs[i + 1].start :]])
             for i in shared
         ]
-        for i, (chosen, rejected) in zip(shared, shared_prompt_scores(inputs.model, groups, **options)):
+        for i, (chosen, rejected) in zip(shared, inputs.runner.shared_prompt_scores(inputs.model, groups, **options)):
             every[i], every[i + 1] = chosen, rejected
     rest = [i for i in range(len(seqs)) if every[i] is None]
     if rest:
-        for i, scores in zip(rest, position_scores(inputs.model, [seqs[i].ids for i in rest], **options)):
+        for i, scores in zip(rest, inputs.runner.position_scores(inputs.model, [seqs[i].ids for i in rest], **options)):
             every[i] = scores
     # position start-1 is the last prompt token: its score is s_prompt
     return [scores[seq.start - 1 :] for scores, seq in zip(every, seqs)], len(shared)
 
 
+@with_options(*TOKENIZING, *RUNNING, *LOADING, *CACHING, defaults={"add_eos": None})
 def dense_rewards(
     reward_model,
     data,
     *,
     method: str = "auto",
     share_prompt: bool = True,
-    tokenizer=None,
     label=None,
-    max_length: int | None = None,
-    truncation_mode: str = "keep_start",
-    add_eos: bool | None = None,
-    batch_tokens: int | None = None,
-    device="auto",
-    dtype="auto",
-    progress: bool = True,
-    cache_dir=None,
-    overwrite_cache: bool = False,
-    **kwargs,
+    options: Options,
 ) -> pd.DataFrame:
     """Per-token rewards of an explicit reward model: how the score moves with each response token.
 
@@ -151,7 +143,8 @@ def dense_rewards(
             rejected response from its KV cache (checked once per model against running each
             sequence whole; models where reusing the cache is not exact run whole sequences).
         tokenizer, label, max_length, truncation_mode, add_eos, batch_tokens, device, dtype,
-            progress, **kwargs: as in :func:`rmlab.reward_scores`.
+            progress, chat_template_kwargs, trust_remote_code, revision, use_safetensors, runner:
+            as in :func:`rmlab.reward_scores`; ``options``: all of them as one :class:`rmlab.Options`.
         cache_dir: a folder (default: ``$RMLAB_CACHE_DIR`` if set; ``False``: none) for a resumable cache of the prefix scores ``s_t`` (``dense-<key>/``,
             parquet chunks written as groups of a few batches finish, keyed as in
             :func:`rmlab.reward_scores` plus the method; see :mod:`rmlab.cache`). An interrupted
@@ -172,12 +165,9 @@ def dense_rewards(
             LM or a multi-output head without ``label`` (see :func:`rmlab.reward_scores`).
     """
     check_choice("method", method, METHODS)
-    cache_dir = resolve_cache_dir(cache_dir, overwrite_cache)
-    inputs = prepare_reward_inputs(
-        reward_model, data, tokenizer=tokenizer, label=label, max_length=max_length,
-        truncation_mode=truncation_mode, add_eos=add_eos, batch_tokens=batch_tokens, device=device,
-        dtype=dtype, **kwargs,
-    )
+    cache_dir = resolve_cache_dir(options.cache_dir, options.overwrite_cache)
+    progress, overwrite_cache = options.progress, options.overwrite_cache
+    inputs = prepare_reward_inputs(reward_model, data, label=label, options=options)
     if method != "prefix":
         problem = one_pass_problem(inputs.model, inputs.pad_id, inputs.label)
         if problem and method == "one_pass":
