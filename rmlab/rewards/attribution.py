@@ -44,7 +44,8 @@ import torch
 from tqdm.auto import tqdm
 
 from rmlab.engine.pairs import check_beta
-from rmlab.errors import ArgumentError, check_choice, closest
+from rmlab.errors import ArgumentError, check_choice
+from rmlab.options import LOADING, RUNNING, TOKENIZING, Options, with_options
 from rmlab.io.pairs import load_pairs
 from rmlab.io.responses import load_scoring_data
 from rmlab.io.tokenize import EncodedSequence, decode_tokens
@@ -64,9 +65,6 @@ METHODS = ("integrated_gradients", "feature_ablation", "shapley")
 #: What is explained: each sequence's reward, or the pair's margin.
 TARGETS = ("score", "margin")
 
-_EXTRA_KWARGS = ("chat_template_kwargs", "trust_remote_code")
-
-
 def list_methods() -> list[str]:
     """Names :func:`attribute_reward` accepts for ``method``."""
     return list(METHODS)
@@ -75,12 +73,12 @@ def list_methods() -> list[str]:
 # --------------------------------------------------------------------------------------------------
 # the public function
 # --------------------------------------------------------------------------------------------------
+@with_options(*TOKENIZING, *RUNNING, *LOADING, defaults={"add_eos": None})
 def attribute_reward(
     model,
     data,
     *,
     reference=None,
-    tokenizer=None,
     target: str = "score",
     method: str = "integrated_gradients",
     beta: float = 0.1,
@@ -91,14 +89,7 @@ def attribute_reward(
     baseline=None,
     keep_special: bool = True,
     seed: int | None = 0,
-    max_length: int | None = None,
-    truncation_mode: str = "keep_start",
-    add_eos: bool | None = None,
-    batch_tokens: int | None = None,
-    device="auto",
-    dtype="auto",
-    progress: bool = True,
-    **kwargs,
+    options: Options,
 ) -> pd.DataFrame:
     """Attribute a reward to every input token with captum: integrated gradients, ablation or Shapley.
 
@@ -155,7 +146,8 @@ def attribute_reward(
             captum's ``internal_batch_size`` (integrated gradients) and ``perturbations_per_eval``.
         device, dtype, progress: as in :func:`rmlab.implicit_rewards`; the progress bar counts
             sequences.
-        **kwargs: ``chat_template_kwargs``, ``trust_remote_code``.
+        tokenizer, chat_template_kwargs, trust_remote_code, revision, use_safetensors, runner: see
+            :class:`rmlab.Options`; ``options``: all of these as one :class:`rmlab.Options`.
 
     Returns:
         One row per input token of every sequence (prompt and response): ``pair`` (or ``row`` for
@@ -185,19 +177,8 @@ def attribute_reward(
     # ---- every check on the arguments, before anything loads or runs
     check_choice("method", method, METHODS)
     check_choice("target", target, TARGETS)
-    unknown = [k for k in kwargs if k not in _EXTRA_KWARGS]
-    if unknown:
-        known = ["reference", "tokenizer", "target", "method", "beta", "reference_free", "label", "n_steps",
-                 "n_samples", "baseline", "keep_special", "seed", "max_length", "truncation_mode", "add_eos",
-                 "batch_tokens", "device", "dtype", "progress", *_EXTRA_KWARGS]
-        raise ArgumentError(
-            f"attribute_reward got an unexpected keyword argument {unknown[0]!r}."
-            + closest(unknown[0], known)
-        )
     n_steps = check_positive_int("n_steps", n_steps, "integration steps of integrated gradients")
     n_samples = check_positive_int("n_samples", n_samples, "permutations sampled by Shapley sampling")
-    if batch_tokens is not None:
-        check_positive_int("batch_tokens", batch_tokens, "padded tokens per forward pass, or None")
     baseline = check_baseline(baseline)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
         raise ArgumentError(f"seed={seed!r} must be an integer or None.")
@@ -220,7 +201,7 @@ def attribute_reward(
                 "target='margin' explains r(chosen) - r(rejected) and needs preference pairs "
                 "(columns prompt, chosen, rejected); these data are single texts. Use target='score'."
             )
-    kind_of_model = declared_kind(model, bool(kwargs.get("trust_remote_code", False)))
+    kind_of_model = declared_kind(model, options.trust_remote_code)
     if dpo and kind_of_model == "reward_model":
         raise ArgumentError(
             "model is a reward model (a sequence classifier): its score is explained directly. "
@@ -233,19 +214,12 @@ def attribute_reward(
             "the policy started from>, or reference_free=True to explain beta * log pi(y|x) alone; "
             "or pass a reward model (a sequence classifier)."
         )
-    options = dict(max_length=max_length, truncation_mode=truncation_mode, add_eos=add_eos)
 
     # ---- load and tokenise (validated by the shared loaders)
     if dpo:
-        problem = dpo_problem(
-            model, reference, pairs, tokenizer=tokenizer, beta=beta, reference_free=reference_free,
-            options=options, batch_tokens=batch_tokens, device=device, dtype=dtype, extra=kwargs,
-        )
+        problem = dpo_problem(model, reference, pairs, beta=beta, options=options)
     else:
-        problem = reward_model_problem(
-            model, data, tokenizer=tokenizer, label=label, options=options, batch_tokens=batch_tokens,
-            device=device, dtype=dtype, extra=kwargs,
-        )
+        problem = reward_model_problem(model, data, label=label, options=options)
     base_token = baseline_id(baseline, problem)
     special = special_ids(problem.tokenizer) if keep_special else set()
 
@@ -257,7 +231,7 @@ def attribute_reward(
     try:
         for p, _ in frozen:  # gradients are taken w.r.t. embeddings only, never parameters
             p.requires_grad_(False)
-        bar = tqdm(total=len(problem.sequences), desc=f"attribution ({method})", unit="seq", disable=not progress, leave=False)
+        bar = tqdm(total=len(problem.sequences), desc=f"attribution ({method})", unit="seq", disable=not options.progress, leave=False)
         with problem.context(), bar:
             for k, seq in enumerate(problem.sequences):
                 ids = np.asarray(seq.ids, dtype=np.int64)

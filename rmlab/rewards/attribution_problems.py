@@ -27,6 +27,7 @@ from rmlab.engine.reward_model import pad_token, prepare_reward_inputs
 from rmlab.errors import ArgumentError, ModelError
 from rmlab.io.models import check_same_device, is_causal_lm, is_reward_model, model_device
 from rmlab.io.tokenize import EncodedSequence
+from rmlab.options import Options
 
 
 # --------------------------------------------------------------------------------------------------
@@ -90,11 +91,9 @@ class AttributionProblem:
     model_kind: str
 
 
-def reward_model_problem(model, data, *, tokenizer, label, options, batch_tokens, device, dtype, extra):
-    inputs = prepare_reward_inputs(
-        model, data, tokenizer=tokenizer, label=label, batch_tokens=batch_tokens, device=device,
-        dtype=dtype, **options, **extra,
-    )
+def reward_model_problem(model, data, *, label, options: Options) -> AttributionProblem:
+    """Load and tokenise as :func:`rmlab.reward_scores` does, without running anything."""
+    inputs = prepare_reward_inputs(model, data, label=label, options=options)
     rm = inputs.model
     layer = rm.get_input_embeddings()
     dev = model_device(rm)
@@ -131,17 +130,11 @@ def reward_model_problem(model, data, *, tokenizer, label, options, batch_tokens
     )
 
 
-def dpo_problem(policy, reference, pairs: pd.DataFrame, *, tokenizer, beta, reference_free, options, batch_tokens,
-                 device, dtype, extra):
+def dpo_problem(policy, reference, pairs: pd.DataFrame, *, beta, options: Options) -> AttributionProblem:
     """Load and tokenise as :func:`rmlab.implicit_rewards` does, without running anything."""
-    add_eos = options["add_eos"]
-    inputs = prepare_pair_inputs(
-        policy, reference, pairs, tokenizer=tokenizer, max_length=options["max_length"],
-        truncation_mode=options["truncation_mode"],
-        add_eos=True if add_eos is None else add_eos,  # implicit_rewards' default (TRL's DPOTrainer)
-        chat_template_kwargs=extra.get("chat_template_kwargs"), batch_tokens=batch_tokens, device=device,
-        dtype=dtype, trust_remote_code=bool(extra.get("trust_remote_code", False)),
-    )
+    if options.add_eos is None:  # implicit_rewards' default (TRL's DPOTrainer)
+        options = options.replace(add_eos=True)
+    inputs = prepare_pair_inputs(policy, reference, pairs, options=options)
     policy_model, ref_model, tok, pad_id = inputs.policy, inputs.reference, inputs.tokenizer, inputs.pad_id
     if ref_model is not None:  # both models see the same interpolated embeddings in one forward
         check_same_device([policy_model, ref_model], ["policy", "reference"])
@@ -184,13 +177,13 @@ def dpo_problem(policy, reference, pairs: pd.DataFrame, *, tokenizer, beta, refe
         layers=layers,
         models=models,
         device=dev,
-        budget=batch_budget(batch_tokens, dev),
+        budget=batch_budget(options.batch_tokens, dev),
         forward_for=forward_for,
         context=contextlib.nullcontext,
         defined=lambda seq: seq.n_response > 0,  # implicit_rewards: NaN for a response cut to nothing
         vocab=min(int(layer.weight.shape[0]) for layer in layers),
         label=None,
-        model_kind="dpo_reference_free" if reference_free else "dpo",
+        model_kind="dpo" if ref_model is not None else "dpo_reference_free",
     )
 
 
