@@ -146,6 +146,15 @@ def test_strength_accepts_one_tokenizer_per_model(ensemble, tok):
     pd.testing.assert_frame_equal(one, each)
 
 
+def test_strength_takes_options_as_one_object(ensemble, tok):
+    pairs = make_pairs(5, seed=9)
+    flat = preference_strength(ensemble[:2], pairs, tokenizer=tok, max_length=40, progress=False)
+    given = preference_strength(ensemble[:2], pairs, options=rmlab.Options(tokenizer=tok, max_length=40,
+                                                                          add_eos=None, progress=False))
+    pd.testing.assert_frame_equal(flat, given)
+    assert flat["truncated"].any()
+
+
 # --------------------------------------------------------------------------------------------------
 # ranking accuracy
 # --------------------------------------------------------------------------------------------------
@@ -274,10 +283,18 @@ def test_probability_column_checked_before_any_model(no_scoring):
         ranking_accuracy("p", None, base)
     with pytest.raises(ArgumentError, match="beta=0"):
         ranking_accuracy("p", "r", base, beta=0)
-    with pytest.raises(ArgumentError, match="sets 'reference_free' itself"):
+    with pytest.raises(ArgumentError, match="unexpected keyword argument 'reference_free'"):
         ranking_accuracy("p", "r", base, reference_free=True)
     with pytest.raises(ArgumentError, match="Did you mean 'max_length'"):
         ranking_accuracy("p", "r", base, max_lenght=10)
+
+
+def test_ranking_accuracy_takes_options_as_one_object(policy, reference, tok):
+    pairs = make_pairs(5, seed=9)
+    flat = ranking_accuracy(policy, reference, pairs, tokenizer=tok, max_length=40, progress=False)
+    given = ranking_accuracy(policy, reference, pairs, options=rmlab.Options(tokenizer=tok, max_length=40, progress=False))
+    pd.testing.assert_frame_equal(flat, given, check_like=False)
+    assert flat["truncated"].any()
 
 
 def test_without_probabilities_the_idealised_columns_are_na(policy, reference, tok):

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
 
@@ -21,10 +20,11 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from rmlab.engine.pairs import check_beta, prepare_pair_inputs
+from rmlab.engine.pairs import check_beta
 from rmlab.engine.reward_model import prepare_reward_inputs
 from rmlab.errors import ArgumentError, DataError, closest
 from rmlab.io.pairs import load_pairs
+from rmlab.options import CACHING, LOADING, RUNNING, TOKENIZING, Options, with_options
 from rmlab.rewards.implicit import implicit_rewards
 from rmlab.rewards.scores import reward_scores
 
@@ -40,32 +40,6 @@ def _check_threshold(name: str, value) -> float:
     if isinstance(value, bool) or not math.isfinite(number) or number < 0:
         raise ArgumentError(f"{name}={value!r} must be a finite number >= 0 (0 turns the flag's rule off).")
     return number
-
-
-def _keywords(*functions) -> frozenset[str]:
-    """Names a caller may pass by keyword to any of ``functions``."""
-    return frozenset(
-        name for function in functions for name, p in inspect.signature(function).parameters.items()
-        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
-    )
-
-
-#: What **score_kwargs / **kwargs may carry, read once from the functions they are passed to.
-_SCORE_KEYWORDS = _keywords(reward_scores, prepare_reward_inputs)
-_IMPLICIT_KEYWORDS = _keywords(implicit_rewards, prepare_pair_inputs)
-
-
-def _check_kwargs(given: dict, keywords: frozenset[str], fixed: set[str], where: str) -> None:
-    """Raise ArgumentError for keyword arguments not in ``keywords`` (or that are set here)."""
-    accepted = set(keywords) - fixed
-    for name in given:
-        if name in fixed:
-            raise ArgumentError(f"{where} sets {name!r} itself; do not pass it.")
-        if name not in accepted:
-            raise ArgumentError(
-                f"{where} got an unexpected keyword argument {name!r}; it accepts {sorted(accepted)}."
-                + closest(name, accepted)
-            )
 
 
 def _as_model_list(reward_models) -> list:
@@ -100,6 +74,7 @@ def _tokenizers(tokenizer, models: list) -> list:
     return [tokenizer] * len(models)
 
 
+@with_options(*(n for n in TOKENIZING if n != "tokenizer"), *RUNNING, *LOADING, *CACHING, defaults={"add_eos": None})
 def preference_strength(
     reward_models,
     data,
@@ -107,8 +82,8 @@ def preference_strength(
     tokenizer=None,
     mislabel_threshold: float = 1.0,
     ambiguous_threshold: float = 0.1,
-    progress: bool = True,
-    **score_kwargs,
+    label=None,
+    options: Options,
 ) -> pd.DataFrame:
     """Preference strength of every pair from an ensemble of reward models, with suspect pairs flagged.
 
@@ -137,13 +112,17 @@ def preference_strength(
             needed for a spread); rank by the margin of :func:`rmlab.reward_scores` instead.
         data: preference pairs in any form :func:`rmlab.load_pairs` accepts.
         tokenizer: one tokenizer for every model, one per model (a list), or None to load each model's
-            own from its path.
+            own from its path (or to use ``options.tokenizer``).
         mislabel_threshold: see the flag rules (>= 0).
         ambiguous_threshold: see the flag rules (>= 0).
+        label: which output of a multi-output head is the reward, as in :func:`rmlab.reward_scores`.
         progress: show progress bars (one per model, over batches).
-        **score_kwargs: passed to :func:`rmlab.reward_scores` (``label``, ``max_length``,
-            ``truncation_mode``, ``add_eos``, ``batch_tokens``, ``device``, ``dtype``,
-            ``chat_template_kwargs``, ``trust_remote_code``).
+        max_length, truncation_mode, add_eos, chat_template_kwargs, batch_tokens, device, dtype,
+            runner, trust_remote_code, revision, use_safetensors, cache_dir, overwrite_cache: how
+            every model scores, as in :func:`rmlab.reward_scores` (``add_eos=None``, the default:
+            EOS unless the tokenizer closes texts itself).
+        options: all of the above but ``tokenizer`` as one :class:`rmlab.Options` (flat keywords
+            override it).
 
     Returns:
         One row per pair: ``pair``, ``strength_mean``, ``strength_std``, ``margin_0`` ...
@@ -167,21 +146,21 @@ def preference_strength(
     models = _as_model_list(reward_models)
     mislabel_threshold = _check_threshold("mislabel_threshold", mislabel_threshold)
     ambiguous_threshold = _check_threshold("ambiguous_threshold", ambiguous_threshold)
-    _check_kwargs(score_kwargs, _SCORE_KEYWORDS, {"reward_model", "data", "tokenizer", "progress", "role"},
-                  "preference_strength")
-    tokenizers = _tokenizers(tokenizer, models)
+    tokenizers = _tokenizers(options.tokenizer if tokenizer is None else tokenizer, models)
     pairs = load_pairs(data)
     # every model, tokenizer and label is checked (and every path loaded) before the first one scores
     prepared = []
     for k, (model, tok) in enumerate(zip(models, tokenizers)):
-        inputs = prepare_reward_inputs(model, pairs, tokenizer=tok, role=f"reward model {k}", **score_kwargs)
+        inputs = prepare_reward_inputs(
+            model, pairs, label=label, role=f"reward model {k}", options=options.replace(tokenizer=tok)
+        )
         prepared.append((inputs.model, inputs.tokenizer))
 
     margins = np.empty((len(pairs), len(models)), dtype=np.float64)
     truncated = np.zeros(len(pairs), dtype=bool)
-    for k in tqdm(range(len(models)), desc="reward models", disable=not progress, leave=False):
+    for k in tqdm(range(len(models)), desc="reward models", disable=not options.progress, leave=False):
         model, tok = prepared[k]
-        scores = reward_scores(model, pairs, tokenizer=tok, progress=progress, **score_kwargs)
+        scores = reward_scores(model, pairs, label=label, options=options.replace(tokenizer=tok))
         margins[:, k] = scores["score_chosen"].to_numpy(np.float64) - scores["score_rejected"].to_numpy(np.float64)
         if "truncated" in scores.columns:
             truncated |= scores["truncated"].to_numpy(bool)
@@ -279,17 +258,16 @@ def ranking_summary(frame: pd.DataFrame) -> pd.Series:
     )
 
 
+@with_options(*TOKENIZING, *RUNNING, *LOADING, *CACHING)
 def ranking_accuracy(
     policy,
     reference,
     data,
     *,
-    tokenizer=None,
     beta: float = 0.1,
     prob_column: str | None = "true_prob",
     length_normalize: bool = False,
-    progress: bool = True,
-    **kwargs,
+    options: Options,
 ) -> pd.DataFrame:
     """Ranking accuracy of a policy, of its reference, and the idealised ranking accuracy, per pair.
 
@@ -318,8 +296,11 @@ def ranking_accuracy(
             DataError; None skips the idealised accuracy.
         length_normalize: compare mean per-token log-probs instead of sums (policy and reference).
         progress: show progress bars.
-        **kwargs: passed to :func:`rmlab.implicit_rewards` (``max_length``, ``truncation_mode``,
-            ``add_eos``, ``batch_tokens``, ``device``, ``dtype``, ``chat_template_kwargs``, ...).
+        max_length, truncation_mode, add_eos, chat_template_kwargs, batch_tokens, device, dtype,
+            runner, trust_remote_code, revision, use_safetensors, cache_dir, overwrite_cache: as in
+            :func:`rmlab.implicit_rewards`, which computes the log-probs.
+        options: all of the above (and ``tokenizer``) as one :class:`rmlab.Options` (flat keywords
+            override it).
 
     Returns:
         One row per pair: ``pair``, ``logps_chosen``, ``logps_rejected``, ``ref_logps_chosen``,
@@ -351,12 +332,10 @@ def ranking_accuracy(
         )
     if not isinstance(length_normalize, (bool, np.bool_)):
         raise ArgumentError(f"length_normalize={length_normalize!r} must be True or False.")
-    fixed = {"policy", "reference", "data", "tokenizer", "beta", "progress", "reference_free", "length_normalize"}
-    _check_kwargs(kwargs, _IMPLICIT_KEYWORDS, fixed, "ranking_accuracy")
     pairs = load_pairs(data)
     probs, note = _preference_probs(pairs, prob_column)
 
-    rewards = implicit_rewards(policy, reference, pairs, tokenizer=tokenizer, beta=beta, progress=progress, **kwargs)
+    rewards = implicit_rewards(policy, reference, pairs, beta=beta, options=options)
     logps = {c: rewards[c].to_numpy(np.float64) for c in
              ("logps_chosen", "logps_rejected", "ref_logps_chosen", "ref_logps_rejected")}
     tokens_c = rewards["tokens_chosen"].to_numpy(np.float64)
