@@ -17,6 +17,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from rmlab.errors import ArgumentError
+from rmlab.options import CACHING, LOADING, RUNNING, TOKENIZING, Options, with_options
 
 
 def write_report(
@@ -75,38 +76,43 @@ class ReportContents:
     notes: list[str] = field(default_factory=list)
 
 
-def _largest_margin_tokens(policy, reference, pairs, rewards, *, tokenizer, beta, progress, **options):
+def _pair_options(options: Options) -> Options:
+    """``options`` for the DPO calls: ``add_eos=None`` becomes implicit_rewards' default (True, as
+    TRL's DPOTrainer appends EOS)."""
+    return options.replace(add_eos=True) if options.add_eos is None else options
+
+
+def _largest_margin_tokens(policy, reference, pairs, rewards, *, beta, options: Options):
     shown = int(rewards["margin"].abs().idxmax())
     from rmlab.rewards.implicit import token_rewards
 
-    tokens = token_rewards(policy, reference, pairs.iloc[[shown]], tokenizer=tokenizer, beta=beta,
-                           progress=progress, **options)
+    tokens = token_rewards(policy, reference, pairs.iloc[[shown]], beta=beta, options=options)
     tokens["pair"] = shown
     return shown, tokens
 
 
-def _dpo_section(contents, policy, reference, pairs, *, tokenizer, beta, progress, **options):
+def _dpo_section(contents, policy, reference, pairs, *, beta, options: Options):
     from rmlab import plots
     from rmlab.rewards.implicit import dpo_metrics, implicit_rewards
 
-    rewards = implicit_rewards(policy, reference, pairs, tokenizer=tokenizer, beta=beta, progress=progress, **options)
+    options = _pair_options(options)
+    rewards = implicit_rewards(policy, reference, pairs, beta=beta, options=options)
     metrics = dpo_metrics(rewards)
     contents.tables["DPO policy: the metrics TRL's DPOTrainer logs"] = pd.DataFrame(
         {"metric": list(metrics.index), "value": metrics.to_numpy(dtype=float)}
     )
     contents.figures["Implicit reward margins"] = plots.reward_margins(rewards)
-    shown, tokens = _largest_margin_tokens(policy, reference, pairs, rewards, tokenizer=tokenizer, beta=beta,
-                                           progress=progress, **options)
+    shown, tokens = _largest_margin_tokens(policy, reference, pairs, rewards, beta=beta, options=options)
     contents.figures[f"Token-level implicit rewards (pair {shown}, the largest |margin|)"] = plots.token_reward_text(tokens, shown)
     return rewards
 
 
-def _reward_model_section(contents, reward_model, pairs, *, name, tokenizer, implicit, progress, **options):
+def _reward_model_section(contents, reward_model, pairs, *, name, implicit, options: Options):
     from rmlab import plots
     from rmlab.diagnostics.reward_model import reward_model_report
     from rmlab.rewards.scores import reward_scores
 
-    scores = reward_scores(reward_model, pairs, tokenizer=tokenizer, progress=progress, **options)
+    scores = reward_scores(reward_model, pairs, options=options)
     report_ = reward_model_report(scores, implicit=implicit)
     lengths = report_.length_bias.set_index("slice")
     row = {"reward_model": name, "accuracy": report_.summary["accuracy"], "ece": report_.summary["ece"]}
@@ -117,20 +123,24 @@ def _reward_model_section(contents, reward_model, pairs, *, name, tokenizer, imp
     return row
 
 
+#: The options of the report's core calls; ``add_eos=None`` gives each call its own default.
+REPORT_OPTIONS = (*TOKENIZING, *RUNNING, *LOADING, *CACHING)
+
+
+@with_options(*REPORT_OPTIONS, defaults={"add_eos": None})
 def collect_report(
     policy=None,
     reference=None,
     data=None,
     *,
     reward_model=None,
-    tokenizer=None,
     beta: float = 0.1,
     pairs: int | None = 200,
     world=None,
-    progress: bool = True,
-    **options,
+    options: Options,
 ) -> ReportContents:
-    """The figures, tables and notes of :func:`report`, without writing them (see there)."""
+    """The figures, tables and notes of :func:`report`, without writing them (see there for the
+    analyses and the papers they follow)."""
     from rmlab.engine.pairs import check_beta
     from rmlab.io.pairs import load_pairs
 
@@ -138,7 +148,7 @@ def collect_report(
     if pairs is not None and (isinstance(pairs, bool) or not isinstance(pairs, int) or pairs < 1):
         raise ArgumentError(f"pairs={pairs!r} must be a positive number of pairs, or None for all of them.")
     if policy is None and reference is None and data is None and reward_model is None:
-        return _toy_contents(world, pairs or 200, progress)
+        return _toy_contents(world, pairs or 200, options.progress)
     if data is None:
         raise ArgumentError("report needs data= (preference pairs) to score the models on.")
     if (policy is None) != (reference is None):
@@ -150,29 +160,26 @@ def collect_report(
         raise ArgumentError("report needs a policy and reference, a reward_model=, or both.")
     frame = load_pairs(data)
     # names / paths are loaded once, not once per section
-    from rmlab.io.models import LOAD_ONLY_OPTIONS, LOAD_OPTIONS, load_causal_lm, load_reward_model
+    from rmlab.io.models import load_causal_lm, load_reward_model
 
-    loading = {k: options[k] for k in LOAD_OPTIONS if k in options}
     if policy is not None:
-        policy = load_causal_lm(policy, role="policy", **loading)
-        reference = load_causal_lm(reference, role="reference", **loading)
+        policy = load_causal_lm(policy, role="policy", **options.loading)
+        reference = load_causal_lm(reference, role="reference", **options.loading)
     if reward_model is not None:
-        reward_model = load_reward_model(reward_model, **loading)
-    options = {k: v for k, v in options.items() if k not in LOAD_ONLY_OPTIONS}
+        reward_model = load_reward_model(reward_model, **options.loading)
     if pairs is not None:
         frame = frame.iloc[:pairs].reset_index(drop=True)
     contents = ReportContents(title="rmlab report")
     contents.notes.append(f"{len(frame)} preference pairs scored.")
     implicit = None
     if policy is not None:
-        implicit = _dpo_section(contents, policy, reference, frame, tokenizer=tokenizer, beta=beta,
-                                progress=progress, **options)
+        implicit = _dpo_section(contents, policy, reference, frame, beta=beta, options=options)
         contents.notes.append(
             f"Implicit DPO rewards r = beta * log(pi/pi_ref) with beta = {beta:g} (Rafailov et al. 2023)."
         )
     if reward_model is not None:
-        row = _reward_model_section(contents, reward_model, frame, name="the reward model", tokenizer=tokenizer,
-                                    implicit=implicit, progress=progress, **options)
+        row = _reward_model_section(contents, reward_model, frame, name="the reward model", implicit=implicit,
+                                    options=options)
         contents.tables["Reward model: accuracy, calibration error, accuracy when the longer answer was rejected"] = (
             pd.DataFrame([row])
         )
@@ -217,16 +224,17 @@ def _toy_contents(world, n_pairs: int, progress: bool) -> ReportContents:
     contents.figures["Implicit reward margins of the DPO policies"] = plots.reward_margins(rewards, by="beta")
     beta = sorted(world.dpo)[len(world.dpo) // 2]
     mid = rewards[rewards["beta"] == beta].reset_index(drop=True)
-    shown, tokens = _largest_margin_tokens(world.dpo[beta], world.sft, held, mid, tokenizer=tok, beta=beta,
-                                           progress=False)
+    quiet = Options(tokenizer=tok, progress=False, add_eos=None)  # each call's own EOS default
+    shown, tokens = _largest_margin_tokens(world.dpo[beta], world.sft, held, mid, beta=beta,
+                                           options=_pair_options(quiet))
     contents.figures[f"Token-level implicit rewards (beta={beta:g}, pair {shown}, the largest |margin|)"] = (
         plots.token_reward_text(tokens, shown)
     )
     rows = []
     for k, rm in enumerate(world.reward_models):
         section = ReportContents(title="") if k else contents  # figures of proxy 0 only
-        rows.append(_reward_model_section(section, rm, held, name=f"proxy reward model {k}", tokenizer=tok,
-                                          implicit=None, progress=False))
+        rows.append(_reward_model_section(section, rm, held, name=f"proxy reward model {k}", implicit=None,
+                                          options=quiet))
     contents.tables["Proxy reward models: accuracy, calibration error, accuracy when the longer answer was rejected"] = (
         pd.DataFrame(rows)
     )
@@ -251,19 +259,18 @@ def _toy_contents(world, n_pairs: int, progress: bool) -> ReportContents:
     return contents
 
 
+@with_options(*REPORT_OPTIONS, defaults={"add_eos": None})
 def report(
     policy=None,
     reference=None,
     data=None,
     *,
     reward_model=None,
-    tokenizer=None,
     beta: float = 0.1,
     pairs: int | None = 200,
     out: str | Path = "rmlab-report.html",
     world=None,
-    progress: bool = True,
-    **options,
+    options: Options,
 ) -> Path:
     """Write one self-contained HTML report (plotly inline, no network needed to view it).
 
@@ -289,11 +296,18 @@ def report(
         out: the HTML file to write.
         world: the toy world's folder (default: the shipped ``data/toy``), for the toy report.
         progress: show progress bars.
-        **options: passed to the core calls (``max_length``, ``device``, ``dtype``, ``batch_tokens``).
+        max_length, truncation_mode, add_eos, chat_template_kwargs, batch_tokens, device, dtype,
+            runner, trust_remote_code, revision, use_safetensors, cache_dir, overwrite_cache: how the
+            models load and run, as in :func:`rmlab.implicit_rewards` and :func:`rmlab.reward_scores`
+            (``add_eos=None``, the default, gives each its own: EOS appended for the DPO policy,
+            appended for the reward model unless its tokenizer closes texts itself). The toy report
+            uses the toy world's own settings.
+        options: all of the above (and ``tokenizer``) as one :class:`rmlab.Options` (flat keywords
+            override it).
 
     Returns:
         The path written. :func:`collect_report` returns the contents without writing.
     """
-    contents = collect_report(policy, reference, data, reward_model=reward_model, tokenizer=tokenizer, beta=beta,
-                              pairs=pairs, world=world, progress=progress, **options)
+    contents = collect_report(policy, reference, data, reward_model=reward_model, beta=beta, pairs=pairs, world=world,
+                              options=options)
     return write_report(out, contents.figures, title=contents.title, tables=contents.tables, notes=contents.notes)

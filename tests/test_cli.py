@@ -86,10 +86,23 @@ def test_report_function_matches_the_core(saved_models, tmp_path):
     assert path.exists()
 
 
+def test_report_takes_options_flat_or_as_one_object(saved_models):
+    from rmlab.report_page import collect_report
+
+    args = (saved_models["policy"], saved_models["reference"], saved_models["data"])
+    flat = collect_report(*args, reward_model=saved_models["rm"], max_length=16, progress=False)
+    given = collect_report(*args, reward_model=saved_models["rm"],
+                           options=rmlab.Options(max_length=16, add_eos=None, progress=False))
+    assert flat.tables.keys() == given.tables.keys() and flat.tables
+    for name, table in flat.tables.items():
+        assert table.equals(given.tables[name]), name
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
         (dict(policy="p"), "needs data="),
+        (dict(max_lenght=8), "Did you mean 'max_length'"),
         (dict(policy="p", data=[{"chosen": "a", "rejected": "b"}]), "both policy and reference"),
         (dict(data=[{"chosen": "a", "rejected": "b"}]), "a policy and reference, a reward_model="),
         (dict(beta=0), "beta"),
