@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rmlab.engine.pairs import check_beta
+from rmlab.diagnostics.probabilities import probability_column
 from rmlab.engine.reward_model import prepare_reward_inputs
 from rmlab.errors import ArgumentError, DataError, closest
 from rmlab.io.pairs import load_pairs
@@ -203,22 +204,11 @@ def _preference_probs(pairs: pd.DataFrame, prob_column) -> tuple[np.ndarray | No
             f"prob_column={prob_column!r} is not a column of the data; found {list(pairs.columns)}."
             + closest(prob_column, pairs.columns)
         )
-    raw = pairs[prob_column]
-    values = pd.to_numeric(raw, errors="coerce").to_numpy(np.float64)
-    bad = np.flatnonzero(np.isnan(values) | (values < 0) | (values > 1))
-    if len(bad):
-        row = int(bad[0])
-        raise DataError(
-            f"Row {row}, column {prob_column!r}: {_show(raw.iloc[row])} is not a probability in [0, 1] "
-            f"({len(bad)} such row(s)). It must hold P(chosen is preferred) for every pair; drop or fix "
-            "those rows, or pass prob_column=None to skip the idealised ranking accuracy."
-        )
+    values = probability_column(
+        pairs, prob_column, "It must hold P(chosen is preferred) for every pair; drop or fix those rows, or "
+        "pass prob_column=None to skip the idealised ranking accuracy.",
+    )
     return values, None
-
-
-def _show(value) -> str:
-    """A cell for an error message: numpy scalars as plain Python values."""
-    return repr(value.item() if isinstance(value, np.generic) else value)
 
 
 def _greater(diff: np.ndarray) -> pd.arrays.BooleanArray:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from rmlab.diagnostics.probabilities import probability_column, show_cell
 from rmlab.errors import ArgumentError, DataError, check_choice
 from rmlab.stats import kendall_tau_b, pearson, sigmoid, spearman, wilson
 
@@ -135,15 +136,7 @@ def _lengths(scores: pd.DataFrame, length: str) -> tuple[np.ndarray, np.ndarray]
 def _true_prob(scores: pd.DataFrame, column: str = "true_prob") -> np.ndarray | None:
     if column not in scores.columns:
         return None
-    values = pd.to_numeric(scores[column], errors="coerce").to_numpy(np.float64)
-    bad = np.flatnonzero(~np.isfinite(values) | (values < 0) | (values > 1))
-    if len(bad):
-        row = int(bad[0])
-        raise DataError(
-            f"Row {row}, column {column!r}: {_show(scores[column].iloc[row])} is not a probability in [0, 1] "
-            f"({len(bad)} such row(s)). Fix or drop the column."
-        )
-    return values
+    return probability_column(scores, column, "Fix or drop the column.")
 
 
 def _calibration(margin: np.ndarray, true_prob: np.ndarray | None, bins: int) -> pd.DataFrame:
@@ -241,12 +234,8 @@ def _check_same_pairs(scores: pd.DataFrame, implicit: pd.DataFrame) -> None:
                     )
 
 
-def _show(value) -> str:
-    return repr(value.item() if isinstance(value, np.generic) else value)
-
-
 def _short(value, limit: int = 60) -> str:
-    text = _show(value)
+    text = show_cell(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
