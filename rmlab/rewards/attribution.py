@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from rmlab.engine.pairs import check_beta
 from rmlab.errors import ArgumentError, check_choice
-from rmlab.options import LOADING, RUNNING, TOKENIZING, Options, with_options
+from rmlab.options import LOADING, TOKENIZING, Options, with_options
 from rmlab.io.pairs import load_pairs
 from rmlab.io.responses import load_scoring_data
 from rmlab.io.tokenize import EncodedSequence, decode_tokens
@@ -73,7 +73,7 @@ def list_methods() -> list[str]:
 # --------------------------------------------------------------------------------------------------
 # the public function
 # --------------------------------------------------------------------------------------------------
-@with_options(*TOKENIZING, *RUNNING, *LOADING, defaults={"add_eos": None})
+@with_options(*TOKENIZING, "batch_tokens", "progress", *LOADING, defaults={"add_eos": None})
 def attribute_reward(
     model,
     data,
@@ -146,8 +146,10 @@ def attribute_reward(
             captum's ``internal_batch_size`` (integrated gradients) and ``perturbations_per_eval``.
         device, dtype, progress: as in :func:`rmlab.implicit_rewards`; the progress bar counts
             sequences.
-        tokenizer, chat_template_kwargs, trust_remote_code, revision, use_safetensors, runner: see
-            :class:`rmlab.Options`; ``options``: all of these as one :class:`rmlab.Options`.
+        tokenizer, chat_template_kwargs, trust_remote_code, revision, use_safetensors: see
+            :class:`rmlab.Options`; ``options``: all of these as one :class:`rmlab.Options` (its
+            ``runner`` and cache settings do not apply: gradients are taken in this process and
+            nothing is cached).
 
     Returns:
         One row per input token of every sequence (prompt and response): ``pair`` (or ``row`` for

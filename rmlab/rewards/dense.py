@@ -91,7 +91,7 @@ def _one_pass_scores(inputs: RewardInputs, progress: bool, share_prompt: bool) -
     """Prefix scores in one pass per batch, and how many pairs ran their prompt once."""
     seqs = inputs.sequences
     every: list[np.ndarray | None] = [None] * len(seqs)
-    options = dict(
+    settings = dict(
         pad_id=inputs.pad_id, label=inputs.label, batch_tokens=inputs.batch_tokens,
         autocast_dtype=inputs.autocast_dtype, progress=progress,
     )
@@ -106,11 +106,11 @@ def _one_pass_scores(inputs: RewardInputs, progress: bool, share_prompt: bool) -
             (seqs[i].ids[: seqs[i].start], [seqs[i].ids[seqs[i].start :], seqs[i + 1].ids[seqs[i + 1].start :]])
             for i in shared
         ]
-        for i, (chosen, rejected) in zip(shared, inputs.runner.shared_prompt_scores(inputs.model, groups, **options)):
+        for i, (chosen, rejected) in zip(shared, inputs.runner.shared_prompt_scores(inputs.model, groups, **settings)):
             every[i], every[i + 1] = chosen, rejected
     rest = [i for i in range(len(seqs)) if every[i] is None]
     if rest:
-        for i, scores in zip(rest, inputs.runner.position_scores(inputs.model, [seqs[i].ids for i in rest], **options)):
+        for i, scores in zip(rest, inputs.runner.position_scores(inputs.model, [seqs[i].ids for i in rest], **settings)):
             every[i] = scores
     # position start-1 is the last prompt token: its score is s_prompt
     return [scores[seq.start - 1 :] for scores, seq in zip(every, seqs)], len(shared)
