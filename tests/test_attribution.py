@@ -293,3 +293,21 @@ def test_errors_on_baseline_tokens(rm, tok):
         attribute_reward(rm, pairs, tokenizer=tok, baseline=10**6, progress=False)
     with pytest.raises(ArgumentError, match="not a token of the tokenizer"):
         attribute_reward(rm, pairs, tokenizer=tok, baseline="<no such token>", progress=False)
+
+
+def test_options_flat_or_as_one_object(rm, tok):
+    """The run options are the same flat or as one rmlab.Options; add_eos=None keeps each kind of
+    model's own default (a reward model's: EOS unless the tokenizer closes texts; DPO: EOS)."""
+    pairs = make_pairs(2, seed=4)
+    flat = attribute_reward(rm, pairs, tokenizer=tok, method="feature_ablation", max_length=24, progress=False)
+    given = attribute_reward(rm, pairs, method="feature_ablation",
+                             options=rmlab.Options(tokenizer=tok, max_length=24, add_eos=None, progress=False))
+    pd.testing.assert_frame_equal(flat, given)
+    assert flat.groupby(["pair", "side"], observed=True)["position"].max().max() == 23  # truncated to 24 tokens
+    policy, reference = tiny_causal_lm("gpt2", seed=1), tiny_causal_lm("gpt2", seed=0)
+    dpo = attribute_reward(policy, pairs, reference=reference, tokenizer=tok, method="feature_ablation", progress=False)
+    eos = attribute_reward(policy, pairs, reference=reference, method="feature_ablation",
+                           options=rmlab.Options(tokenizer=tok, add_eos=True, progress=False))
+    pd.testing.assert_frame_equal(dpo, eos)
+    with pytest.raises(ArgumentError, match="unexpected keyword argument 'cache_dir'"):
+        attribute_reward(rm, pairs, tokenizer=tok, cache_dir="nowhere")

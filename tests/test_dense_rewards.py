@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -142,3 +143,15 @@ def test_shared_prompt_equals_whole_sequences(arch, tok):
     )
     assert cut.attrs["shared_prompt_pairs"] < 12
     np.testing.assert_allclose(cut["prefix_score"], cut_prefix["prefix_score"], atol=1e-4)
+
+
+def test_options_flat_or_as_one_object(tok):
+    rm = tiny_reward_model("gpt2", seed=8)
+    rows = make_pairs(4, seed=17)
+    flat = rmlab.dense_rewards(rm, rows, tokenizer=tok, max_length=30, batch_tokens=96, progress=False)
+    given = rmlab.dense_rewards(
+        rm, rows, options=rmlab.Options(tokenizer=tok, max_length=30, batch_tokens=96, add_eos=None, progress=False)
+    )
+    pd.testing.assert_frame_equal(flat, given)
+    with pytest.raises(ArgumentError, match="Did you mean 'batch_tokens'"):
+        rmlab.dense_rewards(rm, rows, tokenizer=tok, batch_token=96)
