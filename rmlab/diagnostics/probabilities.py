@@ -20,7 +20,9 @@ def show_cell(value) -> str:
 
 
 def probability_column(frame: pd.DataFrame, column: str, advice: str) -> np.ndarray:
-    """``frame[column]`` as float64 probabilities, every one a finite number in [0, 1].
+    """``frame[column]`` as float64 probabilities, every one a finite number in [0, 1]: the ``p`` of
+    Chen et al. 2024's idealised ranking accuracy, or the labeller's probability a Bradley-Terry
+    reward model is calibrated against (Guo et al. 2017).
 
     Raises:
         DataError: naming the first row that is missing, not a number or outside [0, 1], how many
