@@ -183,10 +183,12 @@ def with_options(*names: str, defaults: Mapping | None = None) -> Callable:
             if not takes_kwargs:
                 check_names({k: v for k, v in kwargs.items() if k not in own}, fn.__name__, accepted)
             base = resolve_options(options) if options is not None else Options(**own_defaults)
-            resolved = dataclasses.replace(base, **flat) if flat else base
-            # which fields the caller chose (all of them when an object was given): an object that
-            # carries its own options (a ModelPair) keeps the rest
-            object.__setattr__(resolved, "given", OPTION_NAMES if options is not None else tuple(flat))
+            resolved = dataclasses.replace(base, **flat)  # always a copy: the caller's object stays as it is
+            # which fields the caller chose (all of an object it built, or what an outer rmlab call
+            # recorded on the object it passes on): an object that carries its own options (a
+            # ModelPair) keeps the rest
+            prior = getattr(options, "given", OPTION_NAMES) if options is not None else ()
+            object.__setattr__(resolved, "given", tuple(dict.fromkeys((*prior, *flat))))
             return fn(*args, options=resolved, **kwargs)
 
         extra = [

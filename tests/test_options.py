@@ -97,3 +97,13 @@ def test_reward_analyses_take_options_flat_or_as_one_object():
         pd.testing.assert_frame_equal(analysis(rm, pairs, options=opts), flat, check_exact=True)
         with pytest.raises(ArgumentError, match="Did you mean 'batch_tokens'"):
             analysis(rm, pairs, options=opts, batch_token=3)
+
+
+def test_the_callers_options_object_is_not_changed_and_an_inner_call_keeps_what_was_chosen():
+    mine = Options(max_length=32)
+    _, _, _, got = analysis("m", "d", options=mine)
+    assert not hasattr(mine, "given") and got is not mine
+    _, _, _, outer = analysis("m", "d", max_length=8)
+    assert outer.given == ("max_length",)
+    _, _, _, inner = analysis("m", "d", options=outer, batch_tokens=16)
+    assert inner.given == ("max_length", "batch_tokens"), "a call handed an rmlab-made object keeps its record"
