@@ -109,12 +109,5 @@ def pair_hidden_states(inputs: PairInputs, model, *, progress: bool):
     2024, Definition 2; :func:`rmlab.engine.hidden.response_hidden_states`), both responses of a pair
     in one forward pass; ``sums[2 i]`` / ``sums[2 i + 1]`` are pair ``i``'s chosen / rejected."""
     return response_hidden_states(
-        model,
-        inputs.sequences,
-        groups=[[2 * i, 2 * i + 1] for i in range(len(inputs.encoded))],
-        batch_tokens=inputs.batch_tokens,
-        pad_id=inputs.pad_id,
-        autocast_dtype=inputs.autocast_dtype(model),
-        progress=progress,
-        desc="policy hidden states",
+        model, inputs.sequences, **inputs.batch_plan(model), progress=progress, desc="policy hidden states"
     )

@@ -26,7 +26,7 @@ from rmlab.cache import (
     weights_digest,
 )
 from rmlab.engine.batching import batch_budget, length_batches
-from rmlab.engine.pairs import PairInputs, PairLogprobs, load_pair_models, prepare_pair_inputs
+from rmlab.engine.pairs import PairInputs, PairLogprobs, load_pair_models, prepare_pair_inputs, run_logprobs
 from rmlab.options import LOADING, OPTION_NAMES, Options, resolve_options
 
 #: Bump when a change to the engine changes the log-probs it computes (invalidates caches).
@@ -90,11 +90,7 @@ class ModelPair:
         cache_dir = resolve_cache_dir(opts.cache_dir, opts.overwrite_cache)
         runs = {
             role: (
-                inputs.runner.logprobs(
-                    model, seqs, groups=[[2 * i, 2 * i + 1] for i in range(len(inputs.encoded))],
-                    batch_tokens=inputs.batch_tokens, pad_id=inputs.pad_id,
-                    autocast_dtype=inputs.autocast_dtype(model), progress=opts.progress, desc=f"{role} log-probs",
-                )
+                run_logprobs(inputs, model, role, progress=opts.progress)
                 if cache_dir is None
                 else cached_logprobs(inputs, model, role, cache_dir, overwrite=opts.overwrite_cache, progress=opts.progress)
             )

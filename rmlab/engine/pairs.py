@@ -96,6 +96,16 @@ class PairInputs:
         """The dtype to autocast ``model`` to (see :mod:`rmlab.engine.precision`)."""
         return autocast_dtype(model, self.options.dtype)
 
+    def batch_plan(self, model) -> dict:
+        """How the engine runs these pairs through ``model``: the chosen and rejected response of a
+        pair in one forward pass, length-bucketed under ``batch_tokens``, padded with ``pad_id``."""
+        return dict(
+            groups=[[2 * i, 2 * i + 1] for i in range(len(self.encoded))],
+            batch_tokens=self.batch_tokens,
+            pad_id=self.pad_id,
+            autocast_dtype=self.autocast_dtype(model),
+        )
+
 
 def load_pair_models(policy, reference, options: Options):
     """Load (or check) the policy, the reference (None allowed) and their tokenizer.
@@ -160,14 +170,7 @@ def run_logprobs(inputs: PairInputs, model, role: str, *, progress: bool = True)
     """Per-token log-probs of every response of ``inputs`` under ``model`` (chosen and rejected of a
     pair in one forward pass; length-bucketed batches under ``batch_tokens``)."""
     return inputs.runner.logprobs(
-        model,
-        inputs.sequences,
-        groups=[[2 * i, 2 * i + 1] for i in range(len(inputs.encoded))],
-        batch_tokens=inputs.batch_tokens,
-        pad_id=inputs.pad_id,
-        autocast_dtype=inputs.autocast_dtype(model),
-        progress=progress,
-        desc=f"{role} log-probs",
+        model, inputs.sequences, **inputs.batch_plan(model), progress=progress, desc=f"{role} log-probs"
     )
 
 
@@ -175,10 +178,8 @@ def pair_logprobs(policy, reference, data, *, progress: bool = True, **options) 
     """Validate everything, tokenise as TRL's DPOTrainer, then score every response token.
 
     ``options`` are those of :func:`prepare_pair_inputs`. ``reference=None`` runs the policy only.
+    The one-off form of :meth:`rmlab.ModelPair.logprobs` (nothing is kept for a later call).
     """
-    inputs = prepare_pair_inputs(policy, reference, data, **options)
-    policy_lp = run_logprobs(inputs, inputs.policy, "policy", progress=progress)
-    ref_lp = run_logprobs(inputs, inputs.reference, "reference", progress=progress) if inputs.reference is not None else None
-    return PairLogprobs(
-        pairs=inputs.pairs, encoded=inputs.encoded, policy=policy_lp, reference=ref_lp, tokenizer=inputs.tokenizer
-    )
+    from rmlab.engine.model_pair import ModelPair  # builds on this module
+
+    return ModelPair(policy, reference, memory=0, progress=progress, **options).logprobs(data)
